@@ -1,0 +1,176 @@
+"""Checkpoint folders: save atomically, load with nothing but a path, never unpickle.
+
+A checkpoint folder holds
+    model.safetensors   weights of the uncompiled model (the tied output layer stored once)
+    config.json         format, model config, tokenizer spec, step, val loss, anything extra
+    tokenizer files     tokenizer.json (trained BPE) or encoder.json + vocab.bpe (GPT-2)
+    trainer_state.pt    optional: optimizer, scaler, RNG states, data position (tensors and
+                        primitives only, so `torch.load(weights_only=True)` reads it)
+
+Writes go to a temporary sibling folder that is renamed into place. Replacing an existing
+checkpoint renames the old one to `NAME.old` first and deletes it last, so at every instant either
+`NAME` or `NAME.old` is complete; loading falls back to `NAME.old` when `NAME` is missing.
+
+    save_checkpoint("run/checkpoints/last", model, tokenizer, step=100, val_loss=2.1)
+    ckpt = load_checkpoint("run")   # a run folder means its best checkpoint
+    ckpt.model, ckpt.tokenizer, ckpt.config
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tinystories.config import ModelConfig
+from tinystories.errors import UserError
+from tinystories.model import GPT
+from tinystories.tokenizer import Tokenizer
+
+FORMAT = "tinystories-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TRAINER_STATE = "trainer_state.pt"
+TIED = "lm_head.weight"  # same tensor as transformer.wte.weight; stored once
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    model: GPT
+    tokenizer: Tokenizer
+    config: dict  # the whole config.json
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.model.config
+
+
+def save_checkpoint(folder, model: GPT, tokenizer: Tokenizer, *, step: int = 0, val_loss: float | None = None,
+                    trainer_state: dict | None = None, extra: dict | None = None) -> Path:
+    """Write a complete checkpoint folder atomically (see the module docstring)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+
+    model = getattr(model, "_orig_mod", model)  # never save a torch.compile wrapper's key names
+    model = getattr(model, "module", model)  # nor DDP's
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k != TIED}
+    save_file(weights, tmp / WEIGHTS, metadata={"format": FORMAT})
+    tokenizer.save(tmp)
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": model.config.to_dict(),
+        "tokenizer": tokenizer.spec(),
+        "step": step,
+        "val_loss": val_loss,
+        **(extra or {}),
+    }
+    (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+    _fsync_folder(tmp)
+
+    old = folder.with_name(folder.name + ".old")
+    if old.exists():
+        if folder.exists():
+            shutil.rmtree(old)
+        else:  # an earlier save stopped mid-swap: `old` is the only complete copy
+            old.rename(folder)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    if old.exists():
+        shutil.rmtree(old)
+    return folder
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush file contents to disk before the rename makes them visible as a checkpoint."""
+    for p in folder.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint folder, or a run folder meaning its best (else last) checkpoint."""
+    path = Path(path)
+    candidates = [path, path / "checkpoints" / "best", path / "checkpoints" / "last"]
+    for c in candidates:
+        for folder in (c, c.with_name(c.name + ".old")):  # .old: a save was cut off mid-swap
+            if (folder / CONFIG).is_file():
+                return folder
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist")
+    raise UserError(f"{path} is not a tinystories checkpoint or run folder (no {CONFIG} found)")
+
+
+def read_checkpoint_config(path) -> dict:
+    folder = resolve_checkpoint(path)
+    try:
+        config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{folder / CONFIG} is corrupted ({e})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise UserError(f"{folder} is not a tinystories checkpoint ({CONFIG} has no format={FORMAT!r})")
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(
+            f"{folder} has checkpoint format {config['format_version']}, newer than this tinystories "
+            f"understands ({FORMAT_VERSION}); upgrade tinystories"
+        )
+    return config
+
+
+def load_checkpoint(path, device="cpu") -> Checkpoint:
+    """Load model (eval mode, on `device`) and tokenizer from a checkpoint or run folder."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = resolve_checkpoint(path)
+    config = read_checkpoint_config(folder)
+    model_config = ModelConfig.from_dict(config["model"])
+    tokenizer = Tokenizer.load(folder)
+    if tokenizer.spec()["fingerprint"] != config["tokenizer"]["fingerprint"]:
+        raise UserError(f"{folder}: the tokenizer files do not match the ones the model was trained with")
+
+    try:
+        weights = load_file(folder / WEIGHTS)
+    except FileNotFoundError:
+        raise UserError(f"{folder / WEIGHTS} is missing; the checkpoint is incomplete") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{folder / WEIGHTS} is truncated or corrupted ({e})") from None
+    model = GPT(model_config)
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != TIED}
+    got = {k: v.shape for k, v in weights.items()}
+    if expected != got:
+        missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+        raise UserError(
+            f"{folder / WEIGHTS} does not fit its config.json (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}, wrong shape {wrong[:3]})"
+        )
+    model.load_state_dict(weights, strict=False)  # strict=False: the tied lm_head is not in the file
+    model.to(device).eval()
+    return Checkpoint(folder, model, tokenizer, config)
+
+
+def load_trainer_state(path) -> dict:
+    """The trainer state saved beside a checkpoint, read without unpickling arbitrary objects."""
+    file = resolve_checkpoint(path) / TRAINER_STATE
+    if not file.is_file():
+        raise UserError(f"{file} is missing: this checkpoint cannot be resumed")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises pickle/zip/runtime errors for damaged files
+        raise UserError(f"{file} is truncated, corrupted or not ours ({type(e).__name__})") from None

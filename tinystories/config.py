@@ -1,0 +1,213 @@
+"""The model config, its named presets, and the glue that turns config dataclasses into flags.
+
+Every config is a plain dataclass: fields with defaults, a `help` string in each field's metadata
+(which becomes the `--help` text), validation in `__post_init__`, and a JSON round trip through
+`to_dict` / `from_dict`. Presets are plain Python values. No exec, no globals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from tinystories.errors import UserError
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a help text (shown by `--help`)."""
+    return field(default=default, metadata={"help": help})
+
+
+# -----------------------------------------------------------------------------
+# Model
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a GPT-2-style model. GPT-2 names throughout, so HF export is a key map."""
+
+    n_layer: int = _f(6, "number of transformer blocks")
+    n_head: int = _f(6, "attention heads per block")
+    n_embd: int = _f(384, "width of the residual stream")
+    block_size: int = _f(512, "longest context the model sees (learned positions)")
+    vocab_size: int = _f(50257, "vocabulary size; set from the prepared data when training")
+    dropout: float = _f(0.1, "dropout on embeddings, attention weights and residual branches")
+    bias: bool = _f(True, "biases in Linear layers and LayerNorms (GPT-2 has them)")
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        if not problems and self.n_embd % self.n_head != 0:
+            problems.append(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if problems:
+            raise UserError("invalid model config: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return from_dict(cls, d, what="model config")
+
+
+# The brief's model (Eldan & Li 2023 train GPT-Neo; this is the GPT-2 layout of the same size):
+# 30,142,848 parameters with tied embeddings at vocab 50,257, 10,647,552 outside the embeddings.
+# `tiny` is for the demo and the tests: 4 x 192 wide with a 4,096-token BPE it has 2,615,424
+# parameters and trains to readable stories on 2 CPU cores in minutes.
+PRESETS: dict[str, ModelConfig] = {
+    "33m": ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=512, dropout=0.1),
+    "tiny": ModelConfig(n_layer=4, n_head=6, n_embd=192, block_size=256, vocab_size=4096, dropout=0.0),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])
+
+
+# -----------------------------------------------------------------------------
+# Dataclass <-> JSON and dataclass <-> argparse
+
+
+def from_dict(cls, d: dict, what: str = "config"):
+    """Build dataclass `cls` from a dict, refusing unknown keys (they are usually typos)."""
+    if not isinstance(d, dict):
+        raise UserError(f"{what} must be a JSON object, got {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise UserError(f"unknown {what} field(s): {', '.join(unknown)}")
+    return cls(**d)
+
+
+def load_json(path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+
+
+def _parse_bool(text: str) -> bool:
+    t = text.lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, defaults=None, title: str | None = None):
+    """Add one `--field-name` flag per field of dataclass `cls`.
+
+    Flags default to None (= "not given") so that command-line values can override a config file
+    and a preset; the help text shows the default that applies when nothing is given.
+    """
+    group = parser.add_argument_group(title or cls.__name__)
+    defaults = defaults or cls()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # `int | None` -> int
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        group.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=_parse_bool if kind is bool else kind,
+            default=None,
+            metavar=kind.__name__.upper(),
+            help=f"{f.metadata.get('help', '')} (default: {getattr(defaults, f.name)})".replace("%", "%%"),
+        )
+    return group
+
+
+def overrides_from_args(args: argparse.Namespace, cls) -> dict:
+    """The fields of `cls` that were given on the command line."""
+    return {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(cls)
+        if getattr(args, f.name, None) is not None
+    }
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class TrainConfig:
+    """How to train. The defaults are the brief's recipe for the `33m` model."""
+
+    learning_rate: float = _f(1e-4, "peak AdamW learning rate")
+    min_lr: float = _f(1e-5, "floor the cosine decay ends at (10% of the peak, Chinchilla-style)")
+    warmup_steps: int = _f(1000, "steps of linear warmup from learning_rate/warmup_steps to the peak")
+    weight_decay: float = _f(0.1, "AdamW weight decay, applied to matrices only (not biases, norms)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    grad_clip: float = _f(0.5, "clip the global gradient norm to this (0 = off)")
+    batch_size: int = _f(32, "sequences per micro-batch")
+    grad_accum: int = _f(32, "micro-batches per optimizer step (divided among DDP ranks)")
+    epochs: float = _f(1.0, "passes over the training tokens; sets the step count unless max_steps is given")
+    max_steps: int | None = _f(None, "optimizer steps to train (overrides epochs)")
+    eval_interval: int = _f(250, "evaluate on val (and test) every N steps, and at the end")
+    eval_tokens: int = _f(1 << 20, "val tokens scored per evaluation (a fixed, token-weighted budget)")
+    checkpoint_interval: int = _f(250, "save checkpoints/last every N steps, and at the end")
+    log_interval: int = _f(10, "print a console line every N steps (log.jsonl gets every step)")
+    seed: int = _f(1337, "seed for initialisation, batches and dropout")
+    device: str = _f("auto", "cuda, mps or cpu; auto picks the first available in that order")
+    dtype: str = _f("auto", "bf16, fp16 (with a grad scaler) or fp32; auto = bf16 where supported")
+    compile: bool = _f(True, "torch.compile the model on CUDA (ignored elsewhere)")
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("batch_size", "grad_accum", "eval_interval", "checkpoint_interval", "log_interval", "eval_tokens"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        if self.learning_rate <= 0 or self.min_lr < 0 or self.min_lr > self.learning_rate:
+            problems.append("need 0 <= min_lr <= learning_rate and learning_rate > 0")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            problems.append("warmup_steps, weight_decay and grad_clip must not be negative")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append("max_steps must be at least 1")
+        if self.epochs <= 0:
+            problems.append("epochs must be positive")
+        if self.device not in ("auto", "cuda", "mps", "cpu") and not self.device.startswith("cuda:"):
+            problems.append(f"device must be auto, cuda, mps or cpu, got {self.device!r}")
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            problems.append(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
+        if problems:
+            raise UserError("invalid training config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Training settings that go with each preset (the rest are TrainConfig's defaults).
+# `tiny` on 2 CPU cores: a higher learning rate and a short warmup, because its whole run is a few
+# hundred steps; 16 x 256 tokens per step.
+TRAIN_PRESETS: dict[str, dict] = {
+    "33m": {},
+    "tiny": dict(
+        learning_rate=2e-3, min_lr=2e-4, warmup_steps=30, batch_size=16, grad_accum=1, max_steps=None,
+        epochs=1.0, eval_interval=100, eval_tokens=1 << 16, checkpoint_interval=100, log_interval=10,
+    ),
+}

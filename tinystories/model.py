@@ -1,0 +1,202 @@
+"""The GPT-2-style language model: the network and nothing else.
+
+Learned positions, pre-LayerNorm blocks, causal self-attention through
+`torch.nn.functional.scaled_dot_product_attention`, tanh-GELU (= Hugging Face `gelu_new`), a 4x MLP,
+dropout, the output layer tied to the token embedding, GPT-2 initialisation (Radford et al. 2019,
+section 2.3: residual projections scaled by 1/sqrt(2 * n_layer)).
+
+Parameter names follow Hugging Face's GPT2LMHeadModel (`transformer.h.0.attn.c_attn.weight`, ...)
+so export is a key map plus a transpose of the Conv1D weights.
+
+    model = GPT(ModelConfig(...))
+    logits, loss = model(idx, targets)          # training
+    cache = model.new_kv_cache(batch_size=B, max_len=T)
+    logits, _ = model(prompt, kv_cache=cache)   # prefill, then one token at a time
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tinystories.config import ModelConfig
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (n_layer, B, n_head, max_len, head_dim).
+
+    `length` counts the positions already written. Each forward pass with this cache writes its T
+    new positions at [length, length + T) and attends over [0, length + T).
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the new (B, n_head, T, head_dim) keys/values; return all of them so far."""
+        T = k.shape[2]
+        end = self.length + T
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_projection = True  # scaled at init, see GPT._init_weights
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, layer: int, kv_cache: KVCache | None, attn_mask: torch.Tensor | None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_dim): heads become a batch dimension
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, n_head, length + T, head_dim)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=attn_mask is None,  # no mask given means: plain causal, no cache, no padding
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, n_head, T, hd) -> (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        # tanh approximation: what GPT-2 was trained with, and HF's `gelu_new`
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, layer, kv_cache, attn_mask):
+        x = x + self.attn(self.ln_1(x), layer, kv_cache, attn_mask)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying (Press & Wolf 2017): one matrix embeds tokens and scores them.
+        self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "is_residual_projection", False):
+                # each block adds two residual branches; keep the stream's variance from growing
+                std = 0.02 / math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters counted once (the tied output layer is the token embedding).
+
+        non_embedding=True leaves out token and position embeddings (Kaplan et al. 2020 count N).
+        """
+        n = sum(p.numel() for p in self.parameters())  # .parameters() yields a tied tensor once
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+        return n
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
+        p = self.transformer.wte.weight
+        return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, dtype or p.dtype)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+        pos: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+    ):
+        """Logits for every position of `idx` (B, T), and the mean cross-entropy when `targets` is given.
+
+        kv_cache: keys/values of earlier positions; the T new ones are appended to it.
+        pos:      (B, T) position of each token (default: cache length + 0..T-1). Left-padded batches
+                  pass positions that start at 0 on each row's first real token.
+        key_mask: (B, cache length + T) bool, False where a key is padding that must not be attended.
+        Targets equal to -1 are ignored by the loss.
+        """
+        B, T = idx.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        if pos is None:
+            pos = torch.arange(start, start + T, device=idx.device).unsqueeze(0)  # (1, T)
+
+        attn_mask = None  # plain causal attention: the fast path SDPA handles itself
+        if kv_cache is not None or key_mask is not None:
+            # query i (absolute position start + i) may see key j when j <= start + i ...
+            q_at = torch.arange(start, start + T, device=idx.device)
+            k_at = torch.arange(start + T, device=idx.device)
+            attn_mask = (k_at[None, :] <= q_at[:, None])[None, None]  # (1, 1, T, start + T)
+            if key_mask is not None:
+                # ... and key j is not padding. A query always sees itself so that a padding row
+                # never has every key masked (which would make SDPA return NaN).
+                itself = k_at[None, :] == q_at[:, None]
+                attn_mask = attn_mask & (key_mask[:, None, None, :] | itself[None, None])  # (B, 1, T, start + T)
+
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        x = self.transformer.drop(x)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, layer, kv_cache, attn_mask)
+        x = self.transformer.ln_f(x)
+        if kv_cache is not None:
+            kv_cache.length = start + T
+
+        if targets is None:
+            return self.lm_head(x), None
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
