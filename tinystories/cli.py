@@ -80,7 +80,8 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--data", required=True, help="DATA_DIR made by `tinystories prepare`")
     p.add_argument("--out", required=True, help="RUN_DIR for config.json, log.jsonl and checkpoints/")
-    p.add_argument("--preset", default="33m", choices=list(PRESETS), help="model size and matching training settings")
+    p.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="model size and matching training settings (default: 33m; on --resume, the run's own)")
     p.add_argument("--config", default=None, help="TOML file with [model] and/or [train] tables")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR from checkpoints/last exactly")
     add_dataclass_args(p, TrainConfig, title="training (TrainConfig)")
@@ -108,15 +109,26 @@ def _add_generate(sub) -> None:
 def _add_evaluate(sub) -> None:
     p = sub.add_parser(
         "evaluate", formatter_class=_Formatter, help="loss, perplexity and bits per byte of a model",
-        description="Score a model on a prepared split or on a text file in the official format.",
+        description=(
+            "Score a model on a prepared split or on a text file in the official format: token-weighted "
+            "loss (nats/token), perplexity = exp(loss), and bits per byte (comparable across tokenizers).\n"
+            "Every token is scored once; each story with its own beginning as context, stories longer "
+            "than block_size through sliding windows that start every --stride tokens."
+        ),
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its best checkpoint)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--data", help="DATA_DIR made by `tinystories prepare`")
-    what.add_argument("--text", help="a .txt file of stories separated by <|endoftext|> lines")
+    what.add_argument("--text", help="a .txt file of stories separated by <|endoftext|> lines, "
+                                     "tokenized with the checkpoint's tokenizer")
     p.add_argument("--split", default="val", choices=["train", "val", "test"], help="which split of --data")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="windows per forward pass")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass")
+    p.add_argument("--stride", type=_positive_int, default=None,
+                   help="step between the sliding windows over stories longer than block_size "
+                        "(default: block_size // 2)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
+                   help="autocast dtype for the forward pass; fp32 gives reproducible numbers")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     p.set_defaults(run="tinystories.evaluate:run")
 

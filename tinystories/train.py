@@ -1,0 +1,445 @@
+"""`tinystories train`: train a GPT on prepared data, with exact resume, mixed precision and DDP.
+
+    tinystories train --data data/ts --preset tiny --out runs/tiny
+    tinystories train --data data/ts --out runs/tiny --resume            # continue exactly
+    torchrun --nproc_per_node=2 -m tinystories train --data ... --out ...  # DDP (NCCL on GPUs, Gloo on CPU)
+
+Reading order: the pure pieces (learning-rate schedule, parameter groups, config resolution), then
+evaluation, then the loop. The run folder gets config.json, log.jsonl (one JSON object per
+optimizer step) and checkpoints/{last,best}; only rank 0 writes.
+
+Exact resume: checkpoints/last holds the optimizer, grad scaler, every RNG state, the data position,
+the step and the best val loss, so "train N steps" and "train k, stop, resume to N" give bitwise
+equal weights on CPU in fp32 (tests/test_train.py proves it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from tinystories import __version__
+from tinystories.checkpoint import load_checkpoint, load_trainer_state, save_checkpoint
+from tinystories.config import (
+    TRAIN_PRESETS, ModelConfig, TrainConfig, from_dict, get_preset, overrides_from_args,
+)
+from tinystories.data import EpochWindows, load_data_tokenizer, open_split, read_meta
+from tinystories.device import pick_device, pick_dtype
+from tinystories.errors import UserError
+from tinystories.model import GPT
+from tinystories.tokenizer import check_same_tokenizer
+
+# -----------------------------------------------------------------------------
+# Pure pieces
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to min_lr.
+
+    Warmup starts at learning_rate / warmup_steps, not 0, so the first step already learns.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    decay_steps = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (Linear and Embedding weights); never biases or LayerNorm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]  # a tied tensor appears once
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def steps_for(cfg: TrainConfig, train_tokens: int, block_size: int) -> int:
+    """Optimizer steps: max_steps if given, else enough to see `epochs` x the training tokens."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * block_size
+    return max(1, math.ceil(cfg.epochs * train_tokens / tokens_per_step))
+
+
+def flops_per_token(config: ModelConfig, n_params_non_embedding: int) -> float:
+    """Training FLOPs per token: 6N for the weights plus attention (PaLM paper, appendix B)."""
+    return 6 * n_params_non_embedding + 12 * config.n_layer * config.n_embd * config.block_size
+
+
+# Dense bf16 peak FLOP/s of GPUs we know, for MFU (vendor datasheets).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def resolve_configs(args, data_meta: dict, saved: dict | None) -> tuple[str, ModelConfig, TrainConfig]:
+    """Preset (or the resumed run's config), then --config FILE, then flags; vocab from the data."""
+    if saved is not None:
+        preset = saved["preset"]
+        if args.preset not in (None, preset):
+            raise UserError(f"this run was trained with --preset {preset}; resume without --preset or with that one")
+        model = dict(saved["model"])
+        train = dict(saved["train"])
+    else:
+        preset = args.preset or "33m"
+        model = get_preset(preset).to_dict()
+        model.pop("vocab_size")  # comes from the data unless set explicitly
+        train = {**TrainConfig().to_dict(), **TRAIN_PRESETS[preset]}
+    if args.config:
+        try:
+            with open(args.config, "rb") as f:
+                file_cfg = tomllib.load(f)
+        except FileNotFoundError:
+            raise UserError(f"config file {args.config} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"{args.config} is not valid TOML ({e})") from None
+        unknown = sorted(set(file_cfg) - {"model", "train"})
+        if unknown:
+            raise UserError(f"{args.config}: unknown table(s) {unknown}; use [model] and [train]")
+        model.update(file_cfg.get("model", {}))
+        train.update(file_cfg.get("train", {}))
+    model.update(overrides_from_args(args, ModelConfig))
+    train.update(overrides_from_args(args, TrainConfig))
+
+    data_vocab = data_meta["tokenizer"]["vocab_size"]
+    model.setdefault("vocab_size", data_vocab)
+    if model["vocab_size"] < data_vocab:
+        raise UserError(f"vocab_size {model['vocab_size']} is smaller than the data's tokenizer ({data_vocab} tokens)")
+    model_cfg = from_dict(ModelConfig, model, what="model config")
+    train_cfg = from_dict(TrainConfig, train, what="training config")
+    if saved is not None and model_cfg.to_dict() != saved["model"]:
+        changed = sorted(k for k, v in model_cfg.to_dict().items() if saved["model"].get(k) != v)
+        raise UserError(f"cannot resume with another model config (changed: {', '.join(changed)}); use a new --out")
+    return preset, model_cfg, train_cfg
+
+
+# -----------------------------------------------------------------------------
+# Evaluation during training
+
+
+@torch.no_grad()
+def estimate_loss(model, tokens: np.ndarray, block_size: int, batch_size: int, max_tokens: int,
+                  device, autocast, rank: int = 0, world_size: int = 1) -> float:
+    """Token-weighted mean loss over the first `max_tokens` targets of `tokens` (whole windows).
+
+    Non-overlapping windows from the start of the split: the same tokens at every evaluation, so
+    numbers are comparable across steps. (`tinystories evaluate` gives every token full context;
+    here early positions of each window see less, so this reads slightly high.) Under DDP the
+    windows are shared out among ranks and the sums all-reduced.
+    """
+    T = min(block_size, len(tokens) - 1)
+    n_windows = max(1, min(max_tokens, len(tokens) - 1) // T)
+    starts = [i * T for i in range(n_windows)][rank::world_size]
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, tokens)
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(starts), batch_size):
+        rows = np.stack([tokens[s : s + T + 1] for s in starts[i : i + batch_size]]).astype(np.int64)
+        batch = torch.from_numpy(rows).to(device)  # (B, T + 1)
+        with autocast:
+            _, loss = model(batch[:, :-1], batch[:, 1:])
+        n = batch[:, 1:].numel()
+        total[0] += loss.double() * n
+        total[1] += n
+    if world_size > 1:
+        dist.all_reduce(total)
+    model.train(was_training)
+    return (total[0] / total[1]).item()
+
+
+# -----------------------------------------------------------------------------
+# Run bookkeeping: signals, the run's config.json, the trainer state
+
+
+class StopRequest:
+    """SIGINT/SIGTERM: the first finishes the current step and saves `last`; the second quits at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt  # checkpoints are written atomically, so stopping anywhere is safe
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: finishing this step and saving checkpoints/last "
+              "(send it again to quit at once)", file=sys.stderr, flush=True)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict:
+    import tiktoken
+    import tokenizers
+
+    return {"tinystories": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "tiktoken": tiktoken.__version__, "tokenizers": tokenizers.__version__}
+
+
+def _rng_state(device: torch.device, world_size: int) -> dict:
+    """Every RNG the run draws from (dropout on each rank; data order is in EpochWindows)."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    if world_size > 1:  # each rank has its own dropout stream; rank 0 saves them all
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, state)
+        return {"per_rank": gathered}
+    return {"per_rank": [state]}
+
+
+def _set_rng_state(state: dict, device: torch.device, rank: int) -> None:
+    mine = state["per_rank"][rank]
+    torch.set_rng_state(mine["torch"])
+    if device.type == "cuda" and "cuda" in mine:
+        torch.cuda.set_rng_state(mine["cuda"], device)
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Drop log records after the checkpoint we resume from: those steps are about to be redone."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+# -----------------------------------------------------------------------------
+# The command
+
+
+def run(args) -> int:
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    out = Path(args.out)
+    saved = None
+    if args.resume:
+        if not (out / "checkpoints" / "last").exists() and not (out / "checkpoints" / "last.old").exists():
+            raise UserError(f"{out} has no checkpoints/last to resume from; drop --resume to start a new run")
+        saved = json.loads((out / "config.json").read_text())
+    elif (out / "config.json").exists() or (out / "checkpoints").exists():
+        raise UserError(f"{out} already holds a run; add --resume to continue it, or choose another --out")
+
+    meta = read_meta(args.data)
+    tokenizer = load_data_tokenizer(args.data)
+    if saved is not None:
+        check_same_tokenizer(saved["data"]["tokenizer"], meta["tokenizer"], "the run", f"the data in {args.data}")
+    preset, model_cfg, cfg = resolve_configs(args, meta, saved)
+
+    # --- processes and devices ------------------------------------------------------------
+    if ddp:
+        use_cuda = torch.cuda.is_available() and cfg.device != "cpu"
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        if cfg.grad_accum % world_size:
+            raise UserError(f"grad_accum ({cfg.grad_accum}) must be divisible by the number of processes ({world_size})")
+    else:
+        rank, world_size, device = 0, 1, pick_device(cfg.device)
+    master = rank == 0
+    dtype = pick_dtype(device, cfg.dtype)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for what autocast leaves in fp32
+        torch.backends.cudnn.allow_tf32 = True
+
+    # --- data, model, optimizer ----------------------------------------------------------
+    train_tokens = open_split(args.data, "train")
+    eval_splits = {s: open_split(args.data, s) for s in ("val", "test") if s in meta["splits"] and meta["splits"][s]["tokens"] > 1}
+    batches = EpochWindows(train_tokens, model_cfg.block_size, cfg.batch_size, cfg.seed, rank, world_size)
+    total_steps = steps_for(cfg, len(train_tokens), model_cfg.block_size)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.block_size
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = GPT(model_cfg).to(device)
+    torch.manual_seed(cfg.seed + 1 + rank)  # each rank its own dropout stream
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+        fused=device.type == "cuda",
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    start_step, best_val_loss = 0, float("inf")
+
+    if saved is not None:
+        last = out / "checkpoints" / "last"
+        state = load_trainer_state(last)
+        model.load_state_dict(load_checkpoint(last, device).model.state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        batches.load_state_dict(state["data"])
+        _set_rng_state(state["rng"], device, rank)
+        start_step, best_val_loss = state["step"], state["best_val_loss"]
+        if start_step >= total_steps:
+            raise UserError(f"the run is already at step {start_step} of {total_steps}; raise --max-steps to go on")
+
+    run_config = {
+        "preset": preset, "model": model_cfg.to_dict(), "train": cfg.to_dict(), "total_steps": total_steps,
+        "data": {"dir": str(Path(args.data).resolve()), "tokenizer": meta["tokenizer"], "train_tokens": len(train_tokens)},
+        "device": str(device), "dtype": str(dtype).removeprefix("torch."), "world_size": world_size,
+        "command_line": sys.argv, "git_commit": _git_commit(), "versions": _versions(),
+    }
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        if saved is None:
+            (out / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+        else:
+            saved.setdefault("resumed", []).append({"step": start_step, "command_line": sys.argv})
+            (out / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
+        _truncate_log(out / "log.jsonl", start_step)
+
+    raw_model = model  # checkpoints and evaluation use the plain module
+    if device.type == "cuda" and cfg.compile:
+        model = torch.compile(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    stop = StopRequest()
+    stop.install()
+    if master:
+        n_params = raw_model.num_params()
+        print(f"training {preset}: {n_params / 1e6:.2f}M parameters ({raw_model.num_params(True) / 1e6:.2f}M non-embedding), "
+              f"tokenizer {tokenizer.name}, {len(train_tokens):,} train tokens; steps {start_step} -> {total_steps} "
+              f"of {tokens_per_step:,} tokens; {device} {run_config['dtype']}, {world_size} process(es)", flush=True)
+        if cfg.warmup_steps >= total_steps:
+            print(f"note: warmup_steps ({cfg.warmup_steps}) >= total steps ({total_steps}): the lr never reaches its peak", flush=True)
+    result = _loop(
+        model, raw_model, optimizer, scaler, batches, eval_splits, tokenizer, cfg, autocast, device,
+        out, start_step, total_steps, best_val_loss, tokens_per_step, stop, rank, world_size, args,
+    )
+    if ddp:
+        dist.destroy_process_group()
+    return result
+
+
+def _loop(model, raw_model, optimizer, scaler, batches, eval_splits, tokenizer, cfg, autocast, device,
+          out, start_step, total_steps, best_val_loss, tokens_per_step, stop, rank, world_size, args) -> int:
+    from tqdm import tqdm
+
+    master = rank == 0
+    accum = cfg.grad_accum // world_size
+    peak = peak_flops(device)
+    flops_token = flops_per_token(raw_model.config, raw_model.num_params(non_embedding=True))
+    log_file = open(out / "log.jsonl", "a") if master else None
+    bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=not master or None, dynamic_ncols=True)
+    started = time.perf_counter()
+
+    def save_last(step: int, val_loss: float | None) -> None:
+        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+            raise UserError(f"weights became non-finite at step {step}; checkpoints/last was left as it was")
+        state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "data": batches.state_dict(),
+                 "rng": _rng_state(device, world_size), "step": step, "best_val_loss": best_val_loss}
+        if master:
+            save_checkpoint(out / "checkpoints" / "last", raw_model, tokenizer, step=step, val_loss=val_loss,
+                            trainer_state=state)
+
+    step = start_step
+    val_loss = None
+    for step in range(start_step, total_steps):
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            x, y = batches.next_batch(device)
+            # under DDP, all-reduce gradients only on the last micro-batch of the step
+            sync = model.no_sync() if world_size > 1 and micro < accum - 1 else nullcontext()
+            with sync:
+                with autocast:
+                    _, loss = model(x, y)
+                scaler.scale(loss / accum).backward()
+            loss_sum += loss.detach()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+        if world_size > 1:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        loss_value = loss_sum.item() / accum
+        if not math.isfinite(loss_value) or (not scaler.is_enabled() and not torch.isfinite(grad_norm)):
+            raise UserError(
+                f"loss became {loss_value} at step {step + 1} (grad norm {grad_norm.item():.3g}); the last good "
+                f"checkpoint is {out / 'checkpoints' / 'last'}. Lower --learning-rate or try --dtype fp32, then --resume"
+            )
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+
+        dt = time.perf_counter() - t0
+        record = {"step": done, "tokens": done * tokens_per_step, "loss": round(loss_value, 6), "lr": lr,
+                  "grad_norm": round(grad_norm.item(), 6), "tokens_per_s": round(tokens_per_step / dt, 1)}
+        if peak is not None:
+            record["mfu"] = round(flops_token * tokens_per_step / dt / (peak * world_size), 4)
+        if done % cfg.eval_interval == 0 or done == total_steps:
+            for split, tokens in eval_splits.items():
+                loss = estimate_loss(raw_model, tokens, raw_model.config.block_size, cfg.batch_size,
+                                     cfg.eval_tokens, device, autocast, rank, world_size)
+                record[f"{split}_loss"] = round(loss, 6)
+            val_loss = record.get("val_loss")
+            if val_loss is not None and val_loss < best_val_loss:
+                best_val_loss = val_loss
+                if master:
+                    save_checkpoint(out / "checkpoints" / "best", raw_model, tokenizer, step=done, val_loss=val_loss)
+        if master:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            if done % cfg.log_interval == 0 or "val_loss" in record or done == total_steps:
+                extra = "".join(f" | {k} {record[k]:.4f}" for k in ("val_loss", "test_loss") if k in record)
+                mfu = f" | mfu {record['mfu']:.1%}" if "mfu" in record else ""
+                bar.write(f"step {done:>6}/{total_steps} | loss {loss_value:.4f} | lr {lr:.2e} | "
+                          f"{record['tokens_per_s']:>8,.0f} tok/s{mfu}{extra}")
+
+        stopping = torch.tensor(float(stop.requested), device=device)
+        if world_size > 1:
+            dist.all_reduce(stopping, op=dist.ReduceOp.MAX)  # all ranks stop at the same step
+        if done % cfg.checkpoint_interval == 0 or done == total_steps or stopping.item():
+            save_last(done, val_loss)
+        if stopping.item():
+            bar.close()
+            if master:
+                print(f"stopped at step {done}/{total_steps}; checkpoints/last saved. Resume with:\n"
+                      f"  tinystories train --data {args.data} --out {out} --resume", flush=True)
+            return 0
+
+    bar.close()
+    if master:
+        log_file.close()
+        elapsed = time.perf_counter() - started
+        best = f"{best_val_loss:.4f}" if math.isfinite(best_val_loss) else "n/a"
+        print(f"done: {total_steps} steps, {total_steps * tokens_per_step:,} tokens, {elapsed:.0f}s this session; "
+              f"final train loss {loss_value:.4f}, best val loss {best} ({tokenizer.name} tokens)\n"
+              f"checkpoints: {out / 'checkpoints' / 'best'} (best val loss), {out / 'checkpoints' / 'last'}", flush=True)
+    return 0
