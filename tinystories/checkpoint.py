@@ -18,6 +18,7 @@ checkpoint renames the old one to `NAME.old` first and deletes it last, so at ev
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -58,9 +59,9 @@ def save_checkpoint(folder, model: GPT, tokenizer: Tokenizer, *, step: int = 0, 
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in folder.parent.glob(f".{glob.escape(folder.name)}.tmp-*"):  # left by a save that was killed
+        shutil.rmtree(stale)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
 
     model = getattr(model, "_orig_mod", model)  # never save a torch.compile wrapper's key names
@@ -106,11 +107,17 @@ def _fsync_folder(folder: Path) -> None:
 def resolve_checkpoint(path) -> Path:
     """A checkpoint folder, or a run folder meaning its best (else last) checkpoint."""
     path = Path(path)
-    candidates = [path, path / "checkpoints" / "best", path / "checkpoints" / "last"]
+    # absolute: "." has no name, so it has no ".old" sibling to look for
+    here = Path(os.path.abspath(path))
+    run_folder = (here / "checkpoints").is_dir()
+    # A run folder has a config.json of its own (the run's), so look for checkpoints/ first.
+    candidates = [here / "checkpoints" / "best", here / "checkpoints" / "last"] if run_folder else [here]
     for c in candidates:
         for folder in (c, c.with_name(c.name + ".old")):  # .old: a save was cut off mid-swap
             if (folder / CONFIG).is_file():
                 return folder
+    if run_folder:
+        raise UserError(f"run folder {path} has no checkpoint yet (checkpoints/best and checkpoints/last are missing)")
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist")
     raise UserError(f"{path} is not a tinystories checkpoint or run folder (no {CONFIG} found)")
@@ -124,11 +131,18 @@ def read_checkpoint_config(path) -> dict:
         raise UserError(f"{folder / CONFIG} is corrupted ({e})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise UserError(f"{folder} is not a tinystories checkpoint ({CONFIG} has no format={FORMAT!r})")
-    if config.get("format_version", 0) > FORMAT_VERSION:
+    version = config.get("format_version")
+    if not isinstance(version, int):
+        raise UserError(f"{folder / CONFIG} is corrupted (format_version is {version!r})")
+    if version > FORMAT_VERSION:
         raise UserError(
-            f"{folder} has checkpoint format {config['format_version']}, newer than this tinystories "
+            f"{folder} has checkpoint format {version}, newer than this tinystories "
             f"understands ({FORMAT_VERSION}); upgrade tinystories"
         )
+    # load_checkpoint indexes these; a hand-edited or damaged file must not end in a KeyError
+    if not isinstance(config.get("model"), dict) or not isinstance(config.get("tokenizer"), dict) \
+            or not isinstance(config["tokenizer"].get("fingerprint"), str):
+        raise UserError(f"{folder / CONFIG} is corrupted (its model or tokenizer entry is missing)")
     return config
 
 
@@ -150,8 +164,8 @@ def load_checkpoint(path, device="cpu") -> Checkpoint:
         raise UserError(f"{folder / WEIGHTS} is missing; the checkpoint is incomplete") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{folder / WEIGHTS} is truncated or corrupted ({e})") from None
-    model = GPT(model_config)
-    expected = {k: v.shape for k, v in model.state_dict().items() if k != TIED}
+    with torch.device("meta"):  # shapes only: a config.json that is not ours must not allocate anything
+        expected = {k: v.shape for k, v in GPT(model_config).state_dict().items() if k != TIED}
     got = {k: v.shape for k, v in weights.items()}
     if expected != got:
         missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
@@ -160,6 +174,7 @@ def load_checkpoint(path, device="cpu") -> Checkpoint:
             f"{folder / WEIGHTS} does not fit its config.json (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}, wrong shape {wrong[:3]})"
         )
+    model = GPT(model_config)
     model.load_state_dict(weights, strict=False)  # strict=False: the tied lm_head is not in the file
     model.to(device).eval()
     return Checkpoint(folder, model, tokenizer, config)

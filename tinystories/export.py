@@ -1,0 +1,367 @@
+"""Export a checkpoint as a Hugging Face `transformers` model folder (GPT2LMHeadModel format).
+
+    tinystories export --checkpoint runs/tiny --out hf/tiny-stories
+    export_hf("runs/tiny", "hf/tiny-stories")     # the same, from Python; returns the folder
+
+The folder loads with no code of ours:
+
+    model = transformers.AutoModelForCausalLM.from_pretrained("hf/tiny-stories")
+    tok = transformers.AutoTokenizer.from_pretrained("hf/tiny-stories")
+
+What it holds:
+    config.json              GPT2Config fields (gelu_new, LayerNorm eps 1e-5, tied embeddings), plus a
+                             `tinystories` entry saying where it came from (also how we recognise our
+                             own exports)
+    model.safetensors        HF key names; the tied lm_head.weight is not stored (transformers re-ties
+                             it, as its own save_pretrained does); Linear weights transposed to Conv1D
+    generation_config.json   the defaults of `tinystories generate`: sampling at temperature 0.8,
+                             top-p 0.95, no top-k (top_k 0, else transformers would apply 50),
+                             stop at end-of-text, 200 new tokens but at most half the context
+                             (transformers has no sliding window: a position past block_size is
+                             an IndexError, so a short prompt must always leave room)
+    tokenizer files          gpt2: vocab.json + merges.txt (OpenAI's encoder.json + vocab.bpe) and a
+                             tokenizer.json built from them; bpe-N: our tokenizer.json. Both with a
+                             tokenizer_config.json naming <|endoftext|> as bos, eos, unk and pad.
+    README.md                a model card
+
+Why the transpose: our model uses nn.Linear, whose weight is (out, in); GPT-2's Conv1D stores
+(in, out). Everything else (names, GELU flavour, LayerNorm eps, weight tying) already matches by
+construction (see model.py), so the export is a key map plus a transpose. A model trained without
+biases exports zero biases, which computes the same function.
+
+Choices about `--out`:
+  - The folder is written to a temporary sibling and renamed into place, so a failed export never
+    leaves half a model folder.
+  - A new or empty folder is fine. An earlier export of ours is replaced, but only when it holds
+    nothing except the files an export writes (a `.git` or a file someone added is never deleted);
+    anything else is refused with one line.
+  - Tokenizer padding is on the left, because batched generation (the main use of a TinyStories
+    model) needs it; `padding_side="right"` when loading changes it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+from pathlib import Path
+
+from tinystories import __version__
+from tinystories.errors import UserError
+from tinystories.tokenizer import BPE_FILE, EOT, GPT2_FILES
+
+EXPORT_FORMAT = "tinystories-hf-export"
+EXPORT_FORMAT_VERSION = 1
+# Everything an export may contain; an existing --out holding anything else is not ours to replace.
+EXPORT_FILES = {
+    "config.json", "model.safetensors", "generation_config.json", "README.md",
+    "tokenizer_config.json", "tokenizer.json", "vocab.json", "merges.txt",
+}
+# Our nn.Linear weights inside each block; HF GPT-2 has Conv1D there, which stores the transpose.
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# The defaults of `tinystories generate` (cli.py); keep them in step.
+GENERATION_DEFAULTS = dict(do_sample=True, temperature=0.8, top_p=0.95, top_k=0, max_new_tokens=200)
+
+
+def run(args) -> int:
+    out = export_hf(args.checkpoint, args.out)
+    files = ", ".join(sorted(p.name for p in out.iterdir()))
+    print(f"exported {args.checkpoint} to {out} ({files})")
+    return 0
+
+
+def export_hf(checkpoint_path, out_dir) -> Path:
+    """Write the Hugging Face folder for a checkpoint (or run folder); return the folder's path."""
+    from safetensors.torch import save as safetensors_bytes
+
+    from tinystories.checkpoint import load_checkpoint
+
+    out = Path(os.path.abspath(out_dir))  # "." has no name to put a temporary sibling beside
+    _check_out(out)  # before loading, so a mistyped --out fails fast
+    ckpt = load_checkpoint(checkpoint_path, device="cpu")
+    model, tokenizer = ckpt.model, ckpt.tokenizer
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):  # left by an export that was killed
+        shutil.rmtree(stale)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.mkdir()
+    try:
+        # bytes, then write: safetensors' save_file makes the file private (0600); an export is for sharing
+        weights = safetensors_bytes(hf_state_dict(model), metadata={"format": "pt"})  # "pt": transformers checks it
+        (tmp / "model.safetensors").write_bytes(weights)
+        del weights
+        _write_json(tmp / "config.json", hf_config(model.config, tokenizer.eot_id, ckpt.config))
+        _write_json(tmp / "generation_config.json", generation_config(tokenizer.eot_id, model.config.block_size))
+        for name, data in tokenizer_files(tokenizer, model.config.block_size).items():
+            (tmp / name).write_bytes(data)
+        (tmp / "README.md").write_text(model_card(model, tokenizer, ckpt.config), encoding="utf-8")
+        for p in tmp.iterdir():  # contents on disk before the rename makes them visible
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder to write the Hugging Face model to")
+    if out.is_dir() and any(out.iterdir()) and not is_our_export(out):
+        raise UserError(
+            f"--out {out} already holds files that are not a tinystories export; "
+            "choose a new or empty folder"
+        )
+
+
+def is_our_export(folder: Path) -> bool:
+    """True for a folder an earlier export wrote and nobody added to (so replacing it loses nothing)."""
+    names = {p.name for p in Path(folder).iterdir()}
+    if not names <= EXPORT_FILES or "config.json" not in names:
+        return False
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("tinystories"), dict) \
+        and config["tinystories"].get("format") == EXPORT_FORMAT
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename `tmp` to `out`; an existing `out` (empty, or our earlier export) is moved aside first."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        old.rename(out)  # put the earlier export back
+        raise
+    shutil.rmtree(old)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+# -----------------------------------------------------------------------------
+# Weights and config
+
+
+def hf_state_dict(model) -> dict:
+    """Our GPT's weights under GPT2LMHeadModel's key names, Conv1D orientation, CPU, contiguous."""
+    import torch
+
+    cfg = model.config
+    ours = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    ours.pop("lm_head.weight")  # tied to transformer.wte.weight; transformers re-ties it on load
+    names = ["transformer.wte.weight", "transformer.wpe.weight"]
+    for i in range(cfg.n_layer):
+        for module in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"):
+            names += [f"transformer.h.{i}.{module}.weight", f"transformer.h.{i}.{module}.bias"]
+    names += ["transformer.ln_f.weight", "transformer.ln_f.bias"]
+
+    hf = {}
+    for name in names:
+        if name in ours:
+            tensor = ours.pop(name)
+        else:  # bias=False model: GPT-2 always has biases, and a zero bias changes nothing
+            weight = hf[name.removesuffix(".bias") + ".weight"]
+            # Conv1D weight is (in, out) after the transpose below; LayerNorm's is (C,)
+            tensor = torch.zeros(weight.shape[-1], dtype=weight.dtype)
+        if name.endswith(CONV1D_WEIGHTS):
+            tensor = tensor.t()  # nn.Linear (out, in) -> Conv1D (in, out)
+        hf[name] = tensor.contiguous()
+    if ours:  # a parameter the map does not know would be silently lost
+        raise RuntimeError(f"export does not know where to put {sorted(ours)}")
+    return hf
+
+
+def hf_config(cfg, eot_id: int, checkpoint_config: dict) -> dict:
+    """config.json of a GPT2LMHeadModel equal to our model `cfg` (a ModelConfig)."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.block_size,
+        "n_ctx": cfg.block_size,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": None,  # = 4 * n_embd, as ours
+        "activation_function": "gelu_new",  # tanh-approximated GELU
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "layer_norm_epsilon": 1e-5,  # torch.nn.LayerNorm's default, which our model uses
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,  # 1/sqrt(head_dim), as SDPA
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "use_cache": True,
+        "dtype": "float32",
+        "tinystories": {
+            "format": EXPORT_FORMAT,
+            "format_version": EXPORT_FORMAT_VERSION,
+            "tinystories_version": __version__,
+            "step": checkpoint_config.get("step"),
+            "val_loss": checkpoint_config.get("val_loss"),
+            "tokenizer": checkpoint_config["tokenizer"].get("name"),
+        },
+    }
+
+
+def generation_config(eot_id: int, block_size: int) -> dict:
+    config = {"bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": eot_id, **GENERATION_DEFAULTS}
+    config["max_new_tokens"] = min(config["max_new_tokens"], block_size // 2)  # see the module docstring
+    return config
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer files
+
+
+def tokenizer_files(tokenizer, block_size: int) -> dict[str, bytes]:
+    """The files that let `AutoTokenizer.from_pretrained` rebuild `tokenizer` exactly."""
+    files = tokenizer.files()
+    if BPE_FILE in files:  # our trained byte-level BPE: tokenizer.json already is HF's format
+        out = {BPE_FILE: files[BPE_FILE]}
+        tokenizer_class = "PreTrainedTokenizerFast"
+    elif set(GPT2_FILES) <= set(files):
+        out = {"vocab.json": files["encoder.json"], "merges.txt": files["vocab.bpe"]}
+        out[BPE_FILE] = _gpt2_tokenizer_json(out["vocab.json"], out["merges.txt"])
+        tokenizer_class = "GPT2Tokenizer"
+    else:
+        raise UserError(f"cannot export tokenizer {tokenizer.name}: unknown tokenizer files {sorted(files)}")
+    config = {
+        "tokenizer_class": tokenizer_class,
+        "bos_token": EOT,
+        "eos_token": EOT,
+        "unk_token": EOT,  # byte-level: nothing is ever unknown, but some tools want one
+        "pad_token": EOT,  # GPT-2 has no pad token; padding is masked out anyway
+        "add_bos_token": False,  # we train on stories joined by EOT, and prompts start bare
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,  # decode must give back the exact text
+        "model_max_length": block_size,
+        "padding_side": "left",
+    }
+    out["tokenizer_config.json"] = (json.dumps(config, indent=2) + "\n").encode("utf-8")
+    return out
+
+
+def _gpt2_tokenizer_json(vocab_json: bytes, merges_txt: bytes) -> bytes:
+    """GPT-2's tokenizer in `tokenizers` format, for tools that read only tokenizer.json."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = json.loads(vocab_json)
+    lines = merges_txt.decode("utf-8").splitlines()[1:]  # line 0 is "#version: 0.2"
+    merges = [tuple(line.split(" ")) for line in lines if line]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="",
+                               fuse_unk=False))
+    # the same pre-tokenizer regex as tiktoken's r50k pattern, and no prefix space: ids match tiktoken
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([AddedToken(EOT, special=True)])
+    return tok.to_str(pretty=False).encode("utf-8")
+
+
+# -----------------------------------------------------------------------------
+# Model card
+
+
+def model_card(model, tokenizer, checkpoint_config: dict) -> str:
+    """README.md: Hub metadata, what the model is, how well it did, how to load it."""
+    cfg = model.config
+    total, non_embedding = model.num_params(), model.num_params(non_embedding=True)
+    step, val_loss = checkpoint_config.get("step"), checkpoint_config.get("val_loss")
+    loss = f"{val_loss:.4f} nats per {tokenizer.name} token" if isinstance(val_loss, (int, float)) else "not recorded"
+    # anything else the trainer recorded at the top level of the checkpoint's config.json
+    skip = {"format", "format_version", "model", "tokenizer", "step", "val_loss"}
+    extra = [f"| {k} | {v} |" for k, v in checkpoint_config.items()
+             if k not in skip and isinstance(v, (int, float, str, bool))]
+    tok_text = (
+        "GPT-2's byte-level BPE (50,257 tokens, OpenAI's `vocab.json`/`merges.txt`)"
+        if tokenizer.name == "gpt2"
+        else f"a byte-level BPE of {tokenizer.vocab_size:,} tokens trained on TinyStories with Hugging Face `tokenizers`"
+    )
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "license: mit",
+        "language:",
+        "- en",
+        "tags:",
+        "- gpt2",
+        "- tinystories",
+        "- text-generation",
+        "datasets:",
+        "- roneneldan/TinyStories",
+        "---",
+        "",
+        f"# TinyStories GPT-2 ({_millions(total)} parameters)",
+        "",
+        "A small GPT-2-style language model trained from scratch on TinyStories (Eldan & Li 2023, "
+        "[arXiv:2305.07759](https://arxiv.org/abs/2305.07759)), short stories in the vocabulary of a "
+        "3-to-4-year-old. It writes simple English stories; it knows little else.",
+        "",
+        "## Model",
+        "",
+        "| | |",
+        "| --- | --- |",
+        "| architecture | GPT-2 (`GPT2LMHeadModel`): learned positions, pre-LayerNorm, tanh-GELU, 4x MLP |",
+        f"| layers x heads x width | {cfg.n_layer} x {cfg.n_head} x {cfg.n_embd} |",
+        f"| context | {cfg.block_size} tokens |",
+        f"| vocabulary | {cfg.vocab_size:,} tokens |",
+        f"| parameters | {total:,} (token embedding tied to the output layer, counted once) |",
+        f"| non-embedding parameters | {non_embedding:,} |",
+        f"| dropout | {cfg.dropout} |",
+        "",
+        f"Tokenizer: {tok_text}. `<|endoftext|>` (id {tokenizer.eot_id}) ends each story and serves as "
+        "bos, eos and pad token.",
+        "",
+        "## Training",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| optimizer steps | {step if step is not None else 'not recorded'} |",
+        f"| validation loss | {loss} |",
+        *extra,
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO")',
+        'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO")',
+        'ids = tokenizer("Once upon a time", return_tensors="pt").input_ids',
+        f"out = model.generate(ids)  # generation_config.json: sampling, temperature 0.8, top-p 0.95, "
+        f"{min(GENERATION_DEFAULTS['max_new_tokens'], cfg.block_size // 2)} new tokens at most",
+        "print(tokenizer.decode(out[0], skip_special_tokens=True))",
+        "```",
+        "",
+        "## How it was made",
+        "",
+        f"Trained and exported with tinystories {__version__} "
+        "(`tinystories train`, then `tinystories export --checkpoint RUN --out DIR`). The export is a "
+        "renaming of the checkpoint's weights plus a transpose of the attention and MLP matrices "
+        "(GPT-2's Conv1D layout); logits match the original model to within 1e-5 in fp32.",
+        "",
+        "The TinyStories data is licensed CDLA-Sharing-1.0.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.1f}M"
