@@ -26,6 +26,7 @@ demo: setup
 	$(BIN)/python scripts/demo.py --out $(DEMO)
 
 test: setup
+	bash scripts/install_browser.sh
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

@@ -49,7 +49,9 @@ def _add_prepare(sub) -> None:
         description="Turn TinyStories text into token files (train.bin, val.bin, test.bin, meta.json).",
     )
     p.add_argument("--source", required=True,
-                   help="hf (download the official files), a local .txt/.json/.jsonl/.parquet file or folder, or a URL")
+                   help="hf (download the official files), a URL, or a local file: .txt in the official format "
+                        "(stories separated by <|endoftext|> lines), .json/.jsonl (a 'story' or 'text' field), "
+                        ".parquet; or a folder of them")
     p.add_argument("--dataset", choices=["v1", "v2"], default="v2",
                    help="which official files --source hf downloads: v1 (GPT-3.5 and GPT-4) or v2 (GPT-4 only)")
     p.add_argument("--tokenizer", default="gpt2", help="gpt2, or bpe-N to train an N-token byte-level BPE")
@@ -58,13 +60,17 @@ def _add_prepare(sub) -> None:
     p.add_argument("--out", required=True, help="DATA_DIR to write")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of training stories held out as val")
     p.add_argument("--test", default=None,
-                   help="file or folder for the test split (default: the source's official validation file, if any)")
-    p.add_argument("--max-stories", type=_positive_int, default=None, help="use only the first N training stories")
-    p.add_argument("--dedupe", action="store_true", help="drop exact duplicate stories")
+                   help="file or folder for the test split, or 'none' (default: the source's official validation "
+                        "file: hf's, or the files of a --source folder whose name contains 'valid')")
+    p.add_argument("--max-stories", type=_positive_int, default=None,
+                   help="use only the first N training stories (after cleaning; val is taken from them)")
+    p.add_argument("--dedupe", action="store_true",
+                   help="drop exact duplicate stories, and training stories that are also in the test split")
     p.add_argument("--seed", type=int, default=1337, help="seed of the train/val split")
     p.add_argument("--cache-dir", default=None,
                    help="where downloads are kept (default: $TINYSTORIES_CACHE or ~/.cache/tinystories)")
-    p.add_argument("--force", action="store_true", help="overwrite a DATA_DIR that already holds prepared data")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty DATA_DIR: earlier prepared data there is replaced, other files are kept")
     p.set_defaults(run="tinystories.prepare:run")
 
 
@@ -95,12 +101,12 @@ def _add_generate(sub) -> None:
         description="Continue a prompt, printing the story as it is written.",
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its best checkpoint)")
-    p.add_argument("--prompt", default="Once upon a time", help="story beginning")
+    p.add_argument("--prompt", default="Once upon a time", help='story beginning ("" starts a story from scratch)')
     p.add_argument("--max-new-tokens", type=_positive_int, default=200, help="tokens to add at most")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random")
     p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
     p.add_argument("--top-p", type=float, default=0.95, help="sample from the smallest set of tokens with this much probability")
-    p.add_argument("--num-samples", type=_positive_int, default=1, help="stories to write (batched)")
+    p.add_argument("--num-samples", type=_positive_int, default=1, help="stories to write in one batch; the first is printed as it is written, the others when all are done")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible stories (default: random)")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     p.set_defaults(run="tinystories.generate:run")
@@ -133,17 +139,95 @@ def _add_evaluate(sub) -> None:
     p.set_defaults(run="tinystories.evaluate:run")
 
 
+def _add_quality(sub) -> None:
+    p = sub.add_parser(
+        "quality", formatter_class=_Formatter, help="story-quality report: completions, diversity, memorization, judge",
+        description=(
+            "Complete a fixed set of story beginnings with a fixed seed and measure the stories: length, share "
+            "ending with end-of-text, distinct-1/2/3, repetition, and (with --data) memorization: the longest "
+            "span found verbatim in the training data and the share of n-grams found there. Optionally grade "
+            "them with the paper's rubric through an OpenAI-compatible chat endpoint (no judge model was "
+            "reachable where tinystories was built). Writes OUT/quality.json and OUT/quality.md."
+        ),
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its best checkpoint)")
+    p.add_argument("--out", required=True, help="folder for quality.json and quality.md")
+    p.add_argument("--data", default=None,
+                   help="DATA_DIR the model trained on: its train split is searched for copied text (default: no check)")
+    p.add_argument("--prompts", default=None,
+                   help="file of story beginnings, one per line (default: the packaged set of 60)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=300, help="tokens to add per beginning at most")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random")
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=0.95, help="sample from the smallest set of tokens with this much probability")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the sampling (same seed and batch size, same stories)")
+    p.add_argument("--batch-size", type=_positive_int, default=20, help="beginnings completed at once")
+    p.add_argument("--ngram", type=_positive_int, default=8, help="n-gram length (tokens) of the memorization index")
+    p.add_argument("--index", default=None,
+                   help="where the n-gram index of the training tokens is kept (default: beside train.bin in DATA_DIR)")
+    p.add_argument("--samples", type=int, default=8, help="completions shown in quality.md")
+    p.add_argument("--judge-url", default=None, help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
+    p.add_argument("--judge-model", default=None, help="model name to ask for at --judge-url")
+    p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--judge-rate", type=float, default=1.0, help="judge requests per second at most")
+    p.add_argument("--judge-retries", type=int, default=4,
+                   help="retries per completion after a 429, 5xx, timeout or malformed reply")
+    p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
+    p.set_defaults(run="tinystories.quality:run")
+
+
 def _add_export(sub) -> None:
     p = sub.add_parser(
         "export", formatter_class=_Formatter, help="write a Hugging Face transformers model folder",
-        description="Export to GPT2LMHeadModel format: loadable by transformers' Auto classes with no code of ours.",
+        description=(
+            "Export to GPT2LMHeadModel format (config.json, model.safetensors, generation_config.json, "
+            "tokenizer files, README.md model card): loadable by transformers' Auto classes with no code of ours."
+        ),
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its best checkpoint)")
-    p.add_argument("--out", required=True, help="HF_DIR to write")
+    p.add_argument("--out", required=True,
+                   help="HF_DIR to write: a new or empty folder, or an earlier export to replace "
+                        "(a folder holding any other file is refused)")
     p.set_defaults(run="tinystories.export:run")
 
 
-SUBCOMMANDS = [_add_prepare, _add_train, _add_generate, _add_evaluate, _add_export]
+def _add_plot(sub) -> None:
+    p = sub.add_parser(
+        "plot", formatter_class=_Formatter, help="draw loss curves of one or more runs into a PNG",
+        description=(
+            "Train loss (each step and smoothed), val/test loss and the learning rate against tokens "
+            "seen, from each RUN_DIR's log.jsonl; several runs are overlaid. Needs matplotlib "
+            "(pip install 'tinystories[plot]')."
+        ),
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders made by `tinystories train`")
+    p.add_argument("--out", default=None, help="PNG file to write (default: RUN_DIR/loss.png of the first run)")
+    p.set_defaults(run="tinystories.plot:run")
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve", formatter_class=_Formatter, help="a web page and an OpenAI-style completions API",
+        description=(
+            "Serve a model over HTTP: a page at / to write stories in the browser, POST /v1/completions "
+            "(OpenAI completions format, streaming as server-sent events), GET /v1/models and GET /health. "
+            "Needs starlette and uvicorn (pip install 'tinystories[serve]')."
+        ),
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its best checkpoint)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0 picks a free one and prints it)")
+    p.add_argument("--max-tokens-cap", type=_positive_int, default=512,
+                   help="largest max_tokens a request may ask for; larger requests get a 400 error")
+    p.add_argument("--concurrency", type=_positive_int, default=16,
+                   help="requests generating at the same time, each with its own KV cache; more wait their turn")
+    p.add_argument("--model-name", default=None,
+                   help="the model id the API reports (default: the run or checkpoint folder name)")
+    p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
+    p.set_defaults(run="tinystories.serve:run")
+
+
+SUBCOMMANDS = [_add_prepare, _add_train, _add_generate, _add_evaluate, _add_quality, _add_export, _add_plot, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

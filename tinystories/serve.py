@@ -1,0 +1,490 @@
+"""A web page and an OpenAI-style completions API for a trained model: `tinystories serve`.
+
+    tinystories serve --checkpoint out/run              # then open http://127.0.0.1:8000/
+    curl -s 127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+         -d '{"prompt": "Once upon a time", "max_tokens": 100, "temperature": 0.8, "seed": 1}'
+
+Routes (Starlette on uvicorn):
+    GET  /                 a page: type a story beginning, pick the sampling settings, watch it written
+    POST /v1/completions   OpenAI's completions format; "stream": true sends server-sent events
+                           `data: {chunk}` and ends with `data: [DONE]`
+    GET  /v1/models        the one model served
+    GET  /health           status, model id, the max_tokens cap and the model's shape (the page reads it)
+
+Request fields: prompt (a non-empty string, or a list holding one), max_tokens (1 to the server's
+--max-tokens-cap; default 256 or the cap if lower), temperature (0 to 2, default 1; 0 is greedy),
+top_p ((0, 1], default 1), top_k (>= 1 or null; not in OpenAI's API but common in open servers),
+seed (an integer: the same seed and settings give the same text), stream, stream_options
+{include_usage}, model (any value is accepted; the response names the model that answered), n = 1,
+user. OpenAI fields this server cannot honour (stop, echo, logprobs, best_of > 1, suffix, penalties,
+logit_bias) are refused when set to anything but their neutral value, and unknown fields are refused,
+so a client never silently gets something other than what it asked for. Every refusal is a 4xx in
+OpenAI's error shape: {"error": {"message", "type", "param", "code"}}.
+
+Choices made here:
+- max_tokens above the cap is refused with a 400 that names the cap (not clamped): a client that asked
+  for 2,000 tokens should learn it cannot have them rather than get a shorter story it cannot explain.
+- completion_tokens counts every sampled token, the end-of-text included; the text leaves it out.
+  finish_reason is "stop" when the model ended the story, "length" when max_tokens ran out.
+- The model is loaded once, before the server listens. Each request runs its own `stream()` call with
+  its own KV cache in a pool of --concurrency threads (torch releases the GIL inside its kernels, and
+  a module in eval mode with separate caches is safe to call from several threads: nothing in it is
+  written during a forward pass). Requests past the pool wait their turn; the event loop only moves
+  text, so the page and /health stay responsive while the model works. Measured on 2 busy CPU
+  cores with the `tiny` preset's shape, 20 concurrent 100-token streams: the same ~350 tokens/s in
+  all with 1, 4 or 20 threads (one row per forward pass is bound by per-step overhead, not by
+  threads), but the median time to the first token was ~2.3 s with 4 threads and ~0.4 s with 20;
+  hence the default of 16, at the price of one thread and one small KV cache per slot. Batching
+  the rows of concurrent requests into one forward pass would multiply throughput; not done here.
+- A client that goes away stops its generation at the next token.
+- Limits against mistakes: a request body of at most 1 MiB, a prompt of at most 100,000 characters
+  (a prompt longer than block_size tokens is cut to its end by `stream`'s sliding window).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import math
+import secrets
+import socket
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import AsyncIterator, Iterator
+
+from tinystories.errors import UserError
+
+DEFAULT_MAX_TOKENS = 256
+MAX_PROMPT_CHARS = 100_000  # encoding is cheap, but not free: a few hundred KiB of prompt is a mistake
+MAX_BODY_BYTES = 1 << 20  # a request body is read into memory; anything near this size is a mistake
+MAX_TEMPERATURE = 2.0  # OpenAI's range; above it sampling is close to uniform noise anyway
+
+
+# -----------------------------------------------------------------------------
+# Requests: validation into a plain value (pure functions, no server needed)
+
+
+class ApiError(Exception):
+    """A request the server refuses; becomes {"error": {...}} with this HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type = status, message, param, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": None}}
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    prompt: str
+    max_tokens: int
+    temperature: float
+    top_p: float | None  # None: keep every token
+    top_k: int | None  # None: no top-k cut
+    seed: int | None  # None: a fresh random seed
+    stream: bool
+    include_usage: bool  # stream_options.include_usage: a last chunk with the token counts
+
+
+# Fields OpenAI defines that this server cannot honour, with the values that mean "not used".
+NEUTRAL = {
+    "stop": (None, [], ""),
+    "echo": (False, None),
+    "logprobs": (None, 0),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "frequency_penalty": (None, 0),
+    "presence_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "n": (None, 1),
+}
+KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stream",
+         "stream_options", "user", *NEUTRAL}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    # ints are always finite (and math.isfinite overflows on a 400-digit one)
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+def parse_completion_request(body, max_tokens_cap: int) -> CompletionRequest:
+    """Check a decoded JSON request body; raise ApiError(400, ...) saying what is wrong."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    unknown = sorted(set(body) - KNOWN)
+    if unknown:
+        raise ApiError(400, f"unrecognized request argument: {unknown[0]} (supported: {', '.join(sorted(KNOWN))})",
+                       unknown[0])
+    for name, neutral in NEUTRAL.items():
+        if name in body and body[name] not in neutral:
+            raise ApiError(400, f"{name}={json.dumps(body[name])} is not supported by this server (leave it out)", name)
+
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]  # OpenAI clients may send a batch of one
+    if isinstance(prompt, list):
+        raise ApiError(400, "prompt must be one string (batches and token arrays are not supported)", "prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise ApiError(400, "prompt must be a non-empty string: the beginning of a story", "prompt")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ApiError(400, f"prompt has {len(prompt):,} characters; the most this server takes is "
+                            f"{MAX_PROMPT_CHARS:,}", "prompt")
+
+    max_tokens = body.get("max_tokens")
+    if max_tokens is None:
+        max_tokens = min(DEFAULT_MAX_TOKENS, max_tokens_cap)
+    if not _is_int(max_tokens) or max_tokens < 1:
+        raise ApiError(400, f"max_tokens must be an integer >= 1, got {max_tokens!r}", "max_tokens")
+    if max_tokens > max_tokens_cap:
+        raise ApiError(400, f"max_tokens is {max_tokens}, more than this server allows ({max_tokens_cap}, "
+                            "its --max-tokens-cap); ask for fewer", "max_tokens")
+
+    temperature = body.get("temperature")
+    temperature = 1.0 if temperature is None else temperature
+    if not _is_number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
+        raise ApiError(400, f"temperature must be a number from 0 to {MAX_TEMPERATURE:g} (0 means greedy), "
+                            f"got {temperature!r}", "temperature")
+
+    top_p = body.get("top_p")
+    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
+        raise ApiError(400, f"top_p must be a number in (0, 1] (1 keeps every token), got {top_p!r}", "top_p")
+
+    top_k = body.get("top_k")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ApiError(400, f"top_k must be an integer >= 1, or null for no top-k cut, got {top_k!r}", "top_k")
+
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise ApiError(400, f"seed must be an integer, got {seed!r}", "seed")
+
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise ApiError(400, f"stream must be true or false, got {stream!r}", "stream")
+    options = body.get("stream_options")
+    if options is not None and not (isinstance(options, dict) and set(options) <= {"include_usage"}
+                                    and isinstance(options.get("include_usage", False), bool)):
+        raise ApiError(400, 'stream_options may only be {"include_usage": true|false}', "stream_options")
+
+    return CompletionRequest(
+        prompt=prompt, max_tokens=max_tokens, temperature=float(temperature),
+        top_p=None if top_p is None or top_p == 1 else float(top_p), top_k=top_k,
+        # torch seeds are 64-bit; any integer a client sends maps to one, always the same one
+        seed=None if seed is None else seed % (1 << 64),
+        stream=bool(stream), include_usage=bool((options or {}).get("include_usage", False)),
+    )
+
+
+# -----------------------------------------------------------------------------
+# Generation: text pieces from a model, in a worker thread
+
+
+@dataclass
+class Piece:
+    """New text of a completion; the last piece also says why it ended and how many tokens it took."""
+
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" on the last piece
+    completion_tokens: int = 0
+
+
+class Cancelled(Exception):
+    """The client went away (or the server is stopping): generation ends at the next token."""
+
+
+def completion_pieces(model, tokenizer, prompt_ids: list[int], request: CompletionRequest,
+                      cancelled: threading.Event) -> Iterator[Piece]:
+    """Run one request's generation with its own KV cache; yield text as soon as it is whole."""
+    import torch
+
+    from tinystories.generate import TextStream, stream
+
+    seed = request.seed if request.seed is not None else secrets.randbits(63)
+    # On the CPU whatever the model's device: a seed then means the same story everywhere
+    # (sample_next draws where the generator lives).
+    generator = torch.Generator().manual_seed(seed)
+    text = TextStream(tokenizer)
+    n_tokens, finish = 0, "length"
+    # inference_mode is per thread: each worker must enter it itself.
+    with torch.inference_mode():
+        steps = stream(model, [prompt_ids], request.max_tokens, temperature=request.temperature,
+                       top_k=request.top_k, top_p=request.top_p, eot_id=tokenizer.eot_id, generator=generator)
+        for (token,) in steps:
+            if cancelled.is_set():
+                raise Cancelled()
+            n_tokens += 1
+            if token == tokenizer.eot_id:
+                finish = "stop"
+                break
+            piece = text.push(token)
+            if piece:
+                yield Piece(piece)
+    yield Piece(text.flush(), finish, n_tokens)
+
+
+_END = object()
+
+
+class Engine:
+    """The model, loaded once, and the pool of threads that run it for the requests."""
+
+    def __init__(self, checkpoint, model_id: str, max_tokens_cap: int, concurrency: int):
+        self.model = checkpoint.model
+        self.tokenizer = checkpoint.tokenizer
+        self.model_id = model_id
+        self.max_tokens_cap = max_tokens_cap
+        self.concurrency = concurrency
+        self.created = int(Path(checkpoint.path).stat().st_mtime)
+        self.device = str(next(self.model.parameters()).device)
+        self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="tinystories-generate")
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt) or [self.tokenizer.eot_id]
+
+    async def pieces(self, request: CompletionRequest, prompt_ids: list[int]) -> AsyncIterator[Piece]:
+        """The request's pieces, generated in the pool and handed to the event loop through a queue."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def put(item) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is closed: the server stopped, nobody is listening
+                cancelled.set()
+
+        def produce() -> None:
+            try:
+                if cancelled.is_set():  # the client left while this request waited for a thread
+                    return
+                for piece in completion_pieces(self.model, self.tokenizer, prompt_ids, request, cancelled):
+                    put(piece)
+            except Cancelled:
+                pass
+            except BaseException as e:  # a bug: hand it to the request so it is reported, not lost
+                put(e)
+            finally:
+                put(_END)
+
+        self.pool.submit(produce)
+        try:
+            while (item := await queue.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancelled.set()  # the client left, or we are done: either way the worker may stop
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+# -----------------------------------------------------------------------------
+# Responses in OpenAI's shapes
+
+
+def completion_body(cid: str, created: int, model_id: str, text: str, finish_reason: str | None,
+                    usage: dict | None = None) -> dict:
+    body = {
+        "id": cid, "object": "text_completion", "created": created, "model": model_id,
+        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+def usage_of(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def sse(data) -> bytes:
+    """One server-sent event carrying `data` (JSON, or the literal [DONE])."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {payload}\n\n".encode("utf-8")
+
+
+# -----------------------------------------------------------------------------
+# The application
+
+
+def page_html() -> str:
+    return resources.files("tinystories").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
+def create_app(engine: Engine):
+    """The Starlette application serving `engine`'s model."""
+    import contextlib
+
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    page = page_html()  # read once; a missing file should fail at startup, not on the first visit
+
+    async def index(request: Request):
+        return HTMLResponse(page)
+
+    async def health(request: Request):
+        config = engine.model.config
+        return JSONResponse({
+            "status": "ok", "model": engine.model_id, "max_tokens_cap": engine.max_tokens_cap,
+            "default_max_tokens": min(DEFAULT_MAX_TOKENS, engine.max_tokens_cap),
+            "tokenizer": engine.tokenizer.name, "block_size": config.block_size,
+            "vocab_size": config.vocab_size, "device": engine.device, "concurrency": engine.concurrency,
+        })
+
+    async def models(request: Request):
+        return JSONResponse({"object": "list", "data": [
+            {"id": engine.model_id, "object": "model", "created": engine.created, "owned_by": "tinystories"},
+        ]})
+
+    async def completions(request: Request):
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_BODY_BYTES:
+                raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES:,} bytes")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+        req = parse_completion_request(body, engine.max_tokens_cap)
+        prompt_ids = engine.encode_prompt(req.prompt)
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        if not req.stream:
+            text, last = [], None
+            async for piece in engine.pieces(req, prompt_ids):
+                text.append(piece.text)
+                last = piece
+            return JSONResponse(completion_body(cid, created, engine.model_id, "".join(text), last.finish_reason,
+                                                usage_of(len(prompt_ids), last.completion_tokens)))
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                async for piece in engine.pieces(req, prompt_ids):
+                    if piece.finish_reason is None:
+                        yield sse(completion_body(cid, created, engine.model_id, piece.text, None))
+                        continue
+                    yield sse(completion_body(cid, created, engine.model_id, piece.text, piece.finish_reason))
+                    if req.include_usage:  # OpenAI's shape: no choices, only the counts
+                        usage = usage_of(len(prompt_ids), piece.completion_tokens)
+                        yield sse({"id": cid, "object": "text_completion", "created": created,
+                                   "model": engine.model_id, "choices": [], "usage": usage})
+            except Exception as e:  # the status line is long gone: report in the stream, as OpenAI does
+                print(f"tinystories serve: generation failed: {type(e).__name__}: {e}", file=sys.stderr)
+                yield sse(ApiError(500, f"generation failed: {type(e).__name__}", type="server_error").body())
+            yield sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def api_error(request: Request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    async def http_error(request: Request, exc: HTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse(ApiError(exc.status_code, message, type=kind).body(), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    async def server_error(request: Request, exc: Exception):
+        # a bug: uvicorn still logs the traceback; the client gets OpenAI's shape, not plain text
+        body = ApiError(500, f"internal error: {type(exc).__name__}", type="server_error").body()
+        return JSONResponse(body, status_code=500)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        engine.close()
+
+    routes = [
+        Route("/", index, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan,
+                     exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error})
+
+
+# -----------------------------------------------------------------------------
+# The command
+
+
+def model_id_for(checkpoint_path: Path) -> str:
+    """The run folder's name for run/checkpoints/best, else the checkpoint folder's own name."""
+    path = Path(checkpoint_path).resolve()
+    if path.parent.name == "checkpoints":
+        return path.parent.parent.name
+    return path.name
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: a free one), or a UserError saying why not."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    except socket.gaierror as e:
+        raise UserError(f"--host {host} is not an address of this machine ({e.strerror})") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is already in use; pick another with --port "
+                            "(--port 0 picks a free one)") from None
+        if e.errno == errno.EACCES:
+            raise UserError(f"no permission to listen on port {port}; use a port above 1023") from None
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run(args) -> int:
+    """`tinystories serve`: load the model once, then serve the page and the API until Ctrl-C."""
+    try:
+        import starlette  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise UserError("tinystories serve needs starlette and uvicorn: pip install 'tinystories[serve]'") from None
+    from tinystories.checkpoint import load_checkpoint
+    from tinystories.device import pick_device
+
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in 0..65535, got {args.port}")
+    # Take the port before loading the model: a busy port should fail in a second, not after a load.
+    sock = bind(args.host, args.port)
+    port = sock.getsockname()[1]
+    try:
+        ckpt = load_checkpoint(args.checkpoint, pick_device(args.device))
+    except BaseException:
+        sock.close()
+        raise
+    engine = Engine(ckpt, args.model_name or model_id_for(ckpt.path), args.max_tokens_cap, args.concurrency)
+    app = create_app(engine)
+    shown_host = f"[{args.host}]" if ":" in args.host else args.host
+    n_params = sum(p.numel() for p in engine.model.parameters())
+    print(f"tinystories serve: {engine.model_id} ({n_params / 1e6:.2f}M parameters, {engine.tokenizer.name}) "
+          f"on {engine.device}, at http://{shown_host}:{port}/ (API: POST /v1/completions; Ctrl-C stops)",
+          flush=True)
+    # Streams still open at Ctrl-C get 5 s to finish; then they are cut and their workers stop.
+    config = uvicorn.Config(app, host=args.host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
