@@ -1,0 +1,305 @@
+"""Generation: the samplers at their edges, the KV-cache path against the no-cache oracle, stopping,
+streaming text, and the `tinystories generate` command.
+
+Models are tiny and random, with weights scaled up so logits are far from flat: greedy decoding
+then has clear winners (no near-ties for float noise to flip) and does not repeat one token.
+"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tinystories.cli import main
+from tinystories.config import ModelConfig
+from tinystories.errors import UserError
+from tinystories.generate import TextStream, generate, sample_next, stream, window_start
+from tinystories.model import GPT
+
+from conftest import REPO, read_stories
+
+
+def random_model(block_size=32, vocab_size=64, seed=0, scale=4.0):
+    torch.manual_seed(seed)
+    config = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=vocab_size, dropout=0.0)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    return model
+
+
+def random_prompts(lengths, vocab_size=64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+def greedy(model, prompts, max_new_tokens, **kwargs):
+    return generate(model, prompts, max_new_tokens, temperature=0.0, **kwargs)
+
+
+# -----------------------------------------------------------------------------
+# Samplers
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.randn(8, 100, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample_next(logits, temperature=0.0), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("kwargs", [dict(top_k=1), dict(top_p=1e-6), dict(top_k=1, top_p=0.5)])
+def test_top_k_1_and_tiny_top_p_are_greedy(kwargs):
+    logits = torch.randn(64, 100, generator=torch.Generator().manual_seed(0)) * 3
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        assert torch.equal(sample_next(logits, temperature=1.0, generator=g, **kwargs), logits.argmax(-1))
+
+
+def test_top_k_ties_do_not_leak():
+    # ten tokens share the top logit; top_k=3 must keep exactly three of them, never more
+    logits = torch.zeros(1, 50)
+    logits[0, 10:20] = 5.0
+    draws = sample_next(logits.expand(4000, 50), top_k=3, generator=torch.Generator().manual_seed(0))
+    seen = set(draws.tolist())
+    assert len(seen) == 3 and seen <= set(range(10, 20))
+
+
+def test_top_k_2_only_returns_the_two_best_in_proportion():
+    logits = torch.tensor([[0.0, 2.0, 1.0, 1.9, -1.0]])
+    draws = sample_next(logits.expand(20000, 5), top_k=2, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=5)
+    assert counts[[0, 2, 4]].sum() == 0
+    p1 = torch.sigmoid(torch.tensor(2.0 - 1.9)).item()  # renormalised over the two kept tokens
+    assert abs(counts[1].item() / 20000 - p1) < 0.02
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    draws = sample_next(probs.log().expand(5000, 4), top_p=0.75, generator=torch.Generator().manual_seed(0))
+    assert set(draws.tolist()) == {1, 3}  # 0.5 + 0.3 >= 0.75; 0.5 alone is not
+
+
+def test_top_p_always_keeps_the_most_likely_token():
+    # even on a flat distribution (every token tied) a tiny top_p keeps one token, the lowest id
+    flat = torch.zeros(500, 30)
+    assert set(sample_next(flat, top_p=1e-9, generator=torch.Generator().manual_seed(0)).tolist()) == {0}
+    peaked = torch.tensor([[0.0, 3.0, 1.0]]).expand(500, 3)
+    assert set(sample_next(peaked, top_p=0.01, generator=torch.Generator().manual_seed(0)).tolist()) == {1}
+
+
+def test_tiny_temperature_is_greedy_not_nan():
+    logits = torch.randn(16, 40, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample_next(logits, temperature=1e-30), logits.argmax(-1))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=-0.1), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_k=0), "top-k"),
+        (dict(top_p=0.0), "top-p"),
+        (dict(top_p=1.5), "top-p"),
+    ],
+)
+def test_meaningless_sampler_settings_are_refused(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        sample_next(torch.zeros(1, 5), **kwargs)
+
+
+# -----------------------------------------------------------------------------
+# KV cache against the oracle
+
+
+@pytest.mark.parametrize("length", [1, 2, 5, 13, 24])
+def test_cache_gives_the_greedy_tokens_of_the_oracle_unbatched(length):
+    model = random_model()
+    prompts = random_prompts([length])
+    max_new = 32 - length  # up to a full block, no window jump
+    cached = greedy(model, prompts, max_new)
+    assert cached == greedy(model, prompts, max_new, use_cache=False)
+    assert len(cached[0]) == max_new and len(set(cached[0])) > 3  # not one token over and over
+
+
+def test_cache_gives_the_greedy_tokens_of_the_oracle_batched():
+    model = random_model()
+    lengths = [7, 1, 12, 3, 12]
+    prompts = random_prompts(lengths)
+    batched = greedy(model, prompts, 18)
+    assert batched == greedy(model, prompts, 18, use_cache=False)
+    # left padding changes nothing: each row writes what it writes alone
+    assert batched == [greedy(model, [p], 18)[0] for p in prompts]
+
+
+def test_oracle_is_a_plain_full_forward():
+    # the no-cache path, written out by hand: argmax of the last logits of the whole context
+    model = random_model()
+    context = random_prompts([6])[0]
+    expected = []
+    with torch.no_grad():
+        for _ in range(10):
+            logits, _ = model(torch.tensor([context + expected]))
+            expected.append(int(logits[0, -1].argmax()))
+    assert greedy(model, [context], 10, use_cache=False) == [expected]
+
+
+def test_window_start_rule():
+    assert window_start(16, 0, block_size=16, window_keep=8) == 0
+    assert window_start(17, 0, block_size=16, window_keep=8) == 9
+    assert window_start(24, 9, block_size=16, window_keep=8) == 9  # 15 visible: no jump
+    assert window_start(26, 9, block_size=16, window_keep=8) == 18
+    assert window_start(17, 0, block_size=16, window_keep=16) == 1  # keep = block: crop every step
+
+
+@pytest.mark.parametrize("window_keep", [None, 1, 5, 16])
+def test_sliding_window_past_block_size_matches_the_oracle(window_keep):
+    model = random_model(block_size=16)
+    prompts = random_prompts([3, 10, 15, 40])  # the last is longer than block_size from the start
+    cached = greedy(model, prompts, 45, window_keep=window_keep)
+    assert cached == greedy(model, prompts, 45, use_cache=False, window_keep=window_keep)
+    assert cached == [greedy(model, [p], 45, window_keep=window_keep)[0] for p in prompts]
+
+
+def test_window_keep_block_size_is_nanogpt_crop():
+    # nanoGPT's rule, written out by hand: every step, look at the last block_size tokens only
+    model = random_model(block_size=16)
+    context = random_prompts([12])[0]
+    expected = []
+    with torch.no_grad():
+        for _ in range(30):
+            logits, _ = model(torch.tensor([(context + expected)[-16:]]))
+            expected.append(int(logits[0, -1].argmax()))
+    assert greedy(model, [context], 30, window_keep=16) == [expected]
+
+
+def test_model_mode_is_given_back():
+    model = random_model().train()
+    greedy(model, random_prompts([4]), 3)
+    assert model.training
+
+
+# -----------------------------------------------------------------------------
+# Stopping and seeds
+
+
+def test_rows_stop_at_end_of_text():
+    model = random_model()
+    prompts = random_prompts([5, 9, 2])
+    free = greedy(model, prompts, 12)
+    eot = free[0][3]  # row 0 writes this token at step 3; use it as end-of-text
+    steps = list(stream(model, prompts, 12, temperature=0.0, eot_id=eot))
+    row0 = [s[0] for s in steps]
+    end = free[0].index(eot)
+    assert row0[: end + 1] == free[0][: end + 1] and all(t is None for t in row0[end + 1 :])
+    stories = greedy(model, prompts, 12, eot_id=eot)
+    for story, unstopped in zip(stories, free):
+        cut = unstopped.index(eot) + 1 if eot in unstopped else len(unstopped)
+        assert story == unstopped[:cut]
+    assert stories[0][-1] == eot
+
+
+def test_stream_stops_when_every_row_ended():
+    model = random_model()
+    prompts = random_prompts([4, 4])
+    first = greedy(model, prompts, 1)
+    steps = list(stream(model, prompts, 50, temperature=0.0, eot_id=first[0][0]))
+    if first[1][0] == first[0][0]:
+        assert len(steps) == 1
+    else:  # row 1 goes on until it too writes that token, or the budget ends
+        assert steps[0][0] == first[0][0] and all(s[0] is None for s in steps[1:])
+        assert len(steps) == 50 or steps[-1][1] == first[0][0]
+
+
+def test_max_new_tokens():
+    model = random_model()
+    assert [len(s) for s in greedy(model, random_prompts([3, 6]), 7)] == [7, 7]
+    assert greedy(model, random_prompts([3]), 0) == [[]]
+
+
+def test_same_seed_same_story_other_seed_other_story():
+    model = random_model(scale=2.0)
+    prompts = random_prompts([4, 7])
+
+    def sample(seed, **kwargs):
+        g = torch.Generator().manual_seed(seed)
+        return generate(model, prompts, 25, temperature=1.0, top_p=0.95, generator=g, **kwargs)
+
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+    assert sample(1) == sample(1, use_cache=False)  # same draws, same logits up to float noise
+
+
+def test_bad_prompts_are_refused():
+    model = random_model()
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [[1, 2], []], 3)
+    with pytest.raises(ValueError, match="vocab_size"):
+        generate(model, [[64]], 3)
+
+
+# -----------------------------------------------------------------------------
+# Text as it is written
+
+
+@pytest.mark.parametrize("which", ["gpt2", "bpe"])
+def test_text_stream_never_prints_half_a_character(which, gpt2_dir, checkpoint_dir):
+    from tinystories.tokenizer import Tokenizer, load_gpt2
+
+    tok = load_gpt2(gpt2_dir) if which == "gpt2" else Tokenizer.load(checkpoint_dir)
+    text = "A café — “hi” 😀 and 日本語!"
+    ids = tok.encode(text)
+    assert "\ufffd" in "".join(tok.decode([i]) for i in ids)  # some tokens are half a character
+    stream_ = TextStream(tok)
+    pieces = [stream_.push(i) for i in ids] + [stream_.flush()]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == text
+
+
+# -----------------------------------------------------------------------------
+# The command
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory, v1_train_head):
+    from tinystories.checkpoint import save_checkpoint
+    from tinystories.tokenizer import train_bpe
+
+    tok = train_bpe(read_stories(v1_train_head, limit=300), 512, show_progress=False)
+    model = random_model(block_size=64, vocab_size=tok.vocab_size, scale=3.0)
+    return save_checkpoint(tmp_path_factory.mktemp("gen") / "ckpt", model, tok)
+
+
+def test_cli_same_seed_same_stdout(checkpoint_dir):
+    cmd = [sys.executable, "-m", "tinystories", "generate", "--checkpoint", str(checkpoint_dir),
+           "--prompt", "Once upon a time", "--max-new-tokens", "20", "--seed", "1"]
+    runs = [subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr
+    assert runs[0].stdout == runs[1].stdout
+    assert runs[0].stdout.startswith("Once upon a time") and len(runs[0].stdout) > len("Once upon a time\n")
+
+
+def test_cli_num_samples_and_empty_prompt(checkpoint_dir, capsys):
+    args = ["generate", "--checkpoint", str(checkpoint_dir), "--max-new-tokens", "10", "--seed", "3"]
+    assert main(args + ["--prompt", "The cat", "--num-samples", "3"]) == 0
+    out = capsys.readouterr().out
+    headers = [line for line in out.splitlines() if line.startswith("=== sample")]
+    assert headers == ["=== sample 1/3 ===", "=== sample 2/3 ===", "=== sample 3/3 ==="]
+    assert out.count("\nThe cat") == 3
+    assert main(args + ["--prompt", ""]) == 0
+    assert capsys.readouterr().out.strip()  # a story from scratch, not nothing
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--temperature", "-1"], ["--top-p", "0"], ["--top-p", "1.5"], ["--top-k", "0"]],
+)
+def test_cli_bad_values_give_one_line(checkpoint_dir, capsys, flags):
+    code = main(["generate", "--checkpoint", str(checkpoint_dir), *flags])
+    err = capsys.readouterr().err
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "error" in err
+
+
+def test_cli_missing_checkpoint_gives_one_line(tmp_path, capsys):
+    assert main(["generate", "--checkpoint", str(tmp_path / "nope")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
