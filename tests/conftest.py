@@ -15,6 +15,9 @@ TINYSTORIES_DIR = SHARED_DATA / "tinystories"
 
 # Every test (and every subprocess a test starts) loads GPT-2 offline from the shared folder.
 os.environ.setdefault("TINYSTORIES_GPT2_VOCAB", str(GPT2_DIR))
+# One intra-op thread per process: the test models are tiny, and on a 2-core machine shared with
+# subprocesses (servers, torchrun ranks) OpenMP threads that spin-wait made steps up to 40x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +43,24 @@ def read_stories(path, limit=None):
     stories = [s.strip() for s in text.split("<|endoftext|>")]
     stories = [s for s in stories if s]
     return stories[:limit] if limit else stories
+
+
+def run_cli(*args, check=False, timeout=600, **kw):
+    """Run `python -m tinystories ARGS` in a subprocess; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "tinystories", *map(str, args)],
+                            capture_output=True, text=True, timeout=timeout, **kw)
+    if check and result.returncode != 0:
+        raise AssertionError(f"tinystories {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory, v1_train_head) -> Path:
+    """A DATA_DIR of 600 real stories with a 512-token BPE (made by the real `prepare`)."""
+    out = tmp_path_factory.mktemp("data") / "small"
+    run_cli("prepare", "--source", v1_train_head, "--tokenizer", "bpe-512", "--max-stories", 600,
+            "--out", out, check=True)
+    return out

@@ -9,6 +9,7 @@ can fix) ends as one line on stderr and exit code 2; anything else is a bug and 
     tinystories generate --checkpoint RUN_DIR --prompt "Once upon a time"
     tinystories evaluate --checkpoint RUN_DIR --data DATA_DIR --split test
     tinystories export   --checkpoint RUN_DIR --out HF_DIR
+    tinystories import   --from roneneldan/TinyStories-33M --out CKPT
 """
 
 from __future__ import annotations
@@ -90,6 +91,10 @@ def _add_train(sub) -> None:
                    help="model size and matching training settings (default: 33m; on --resume, the run's own)")
     p.add_argument("--config", default=None, help="TOML file with [model] and/or [train] tables")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR from checkpoints/last exactly")
+    p.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="start a new run from this checkpoint's weights (fine-tuning; e.g. one made by `tinystories "
+                        "import`): the model config is the checkpoint's, --preset then picks only training settings; "
+                        "the data must use the same tokenizer; only dropout and a smaller block_size may be changed")
     add_dataclass_args(p, TrainConfig, title="training (TrainConfig)")
     add_dataclass_args(p, ModelConfig, title="model (ModelConfig; vocab_size comes from the data)")
     p.set_defaults(run="tinystories.train:run")
@@ -227,7 +232,30 @@ def _add_serve(sub) -> None:
     p.set_defaults(run="tinystories.serve:run")
 
 
-SUBCOMMANDS = [_add_prepare, _add_train, _add_generate, _add_evaluate, _add_quality, _add_export, _add_plot, _add_serve]
+def _add_import(sub) -> None:
+    p = sub.add_parser(
+        "import", formatter_class=_Formatter,
+        help="turn a Hugging Face GPT-Neo or GPT-2 model (e.g. the paper's TinyStories-33M) into a checkpoint",
+        description=(
+            "Read a transformers model folder (config.json, model.safetensors or pytorch_model.bin, tokenizer "
+            "files) of a GPTNeoForCausalLM (the paper's released TinyStories models) or GPT2LMHeadModel, and "
+            "write a checkpoint that evaluate, generate, serve, export and train --init-from use like any other. "
+            "GPT-2's vocabulary becomes the gpt2 tokenizer (the same as `prepare --tokenizer gpt2`)."
+        ),
+    )
+    p.add_argument("--from", dest="source", required=True, metavar="HF_DIR_OR_REPO",
+                   help="a model folder, or a Hub repo id such as roneneldan/TinyStories-33M (downloaded with "
+                        "huggingface_hub; HF_ENDPOINT and HF_HUB_OFFLINE apply)")
+    p.add_argument("--out", required=True, help="checkpoint folder to write (new or empty)")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub repo (default: main)")
+    p.add_argument("--tokenizer", choices=["auto", "gpt2"], default="auto",
+                   help="auto: the folder's tokenizer files; gpt2: GPT-2's ($TINYSTORIES_GPT2_VOCAB) when the "
+                        "folder has none")
+    p.set_defaults(run="tinystories.hf_import:run")
+
+
+SUBCOMMANDS = [_add_prepare, _add_train, _add_generate, _add_evaluate, _add_quality, _add_export, _add_plot, _add_serve,
+               _add_import]
 
 
 def build_parser() -> argparse.ArgumentParser:

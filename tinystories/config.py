@@ -38,6 +38,14 @@ class ModelConfig:
     vocab_size: int = _f(50257, "vocabulary size; set from the prepared data when training")
     dropout: float = _f(0.1, "dropout on embeddings, attention weights and residual branches")
     bias: bool = _f(True, "biases in Linear layers and LayerNorms (GPT-2 has them)")
+    # GPT-Neo (the paper's released models): see the TinyStories presets below.
+    attention_layers: list[str] | None = _f(
+        None, "attention of each block, comma-separated: global (causal) or local (causal, only the last "
+              "window_size tokens), e.g. global,local,global,local; none given = all global (GPT-2)")
+    window_size: int = _f(256, "tokens a local attention layer sees, itself included (GPT-Neo)")
+    scale_attention: bool = _f(True, "divide attention scores by sqrt(head_dim); GPT-Neo does not")
+    qkv_bias: bool | None = _f(None, "biases on the query/key/value projection (none given = follow bias; "
+                                     "GPT-Neo has none)")
 
     def __post_init__(self) -> None:
         problems = []
@@ -51,12 +59,33 @@ class ModelConfig:
             )
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.attention_layers, str) or not isinstance(self.attention_layers, (list, tuple, type(None))):
+            problems.append(f"attention_layers must be a list such as [\"global\", \"local\"], got {self.attention_layers!r}")
+        elif self.attention_layers is not None:
+            self.attention_layers = list(self.attention_layers)  # a copy: presets must not share a list
+            wrong = sorted({a for a in self.attention_layers if a not in ("global", "local")}, key=str)
+            if wrong:
+                problems.append(f"attention_layers may hold only global and local, got {', '.join(map(str, wrong))}")
+            elif len(self.attention_layers) != self.n_layer:
+                problems.append(
+                    f"attention_layers names {len(self.attention_layers)} layers but n_layer is {self.n_layer}; "
+                    "give one entry per layer"
+                )
+        if not isinstance(self.window_size, int) or isinstance(self.window_size, bool) or self.window_size < 1:
+            problems.append(f"window_size must be a positive integer, got {self.window_size!r}")
+        for name in ("bias", "scale_attention") + (("qkv_bias",) if self.qkv_bias is not None else ()):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         if problems:
             raise UserError("invalid model config: " + "; ".join(problems))
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    def is_local(self, layer: int) -> bool:
+        """Whether block `layer` uses local (sliding-window) attention."""
+        return self.attention_layers is not None and self.attention_layers[layer] == "local"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -74,6 +103,40 @@ PRESETS: dict[str, ModelConfig] = {
     "33m": ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=512, dropout=0.1),
     "tiny": ModelConfig(n_layer=4, n_head=6, n_embd=192, block_size=256, vocab_size=4096, dropout=0.0),
 }
+
+
+def _tinystories_neo(n_layer: int, n_embd: int) -> ModelConfig:
+    """One of the paper's released GPT-Neo models (roneneldan/TinyStories-*), shaped for training.
+
+    From the released config.json files: 16 heads, global and local attention alternating from a
+    global first layer (a single layer is global), local window 256, q/k/v without bias, no
+    1/sqrt(head_dim) scaling (GPT-Neo's), gelu_new, LayerNorm eps 1e-5, tied embeddings, no
+    dropout. The released models have 2,048 learned positions; the paper trains with context 512
+    (section 3, "window size 256 and context length 512"), which is block_size here. Imported
+    models (`tinystories import`) keep all 2,048.
+    """
+    return ModelConfig(
+        n_layer=n_layer, n_head=16, n_embd=n_embd, block_size=512, vocab_size=50257, dropout=0.0, bias=True,
+        attention_layers=(["global", "local"] * n_layer)[:n_layer], window_size=256, scale_attention=False,
+        qkv_bias=False,
+    )
+
+
+# The paper's family, named after the released models (TinyStories-1M ... -2Layers-33M). The names
+# are only roughly the parameter count (about the count outside the embeddings plus a 10K-token
+# embedding: the paper kept the top 10K tokens). At vocab 50,257 and block_size 512 they have:
+# ts-1m 3,647,680 (398,464 non-embedding), ts-3m 8,081,792 (1,583,360), ts-8m 19,309,312
+# (6,312,448), ts-28m 51,201,536 (25,207,808), ts-33m 67,334,400 (28,343,808), ts-1layer-21m
+# 64,582,656 (12,595,200), ts-2layers-33m 77,175,808 (25,188,352); tests/test_neo.py checks them.
+PRESETS.update({
+    "ts-1m": _tinystories_neo(8, 64),
+    "ts-3m": _tinystories_neo(8, 128),
+    "ts-8m": _tinystories_neo(8, 256),
+    "ts-28m": _tinystories_neo(8, 512),
+    "ts-33m": _tinystories_neo(4, 768),
+    "ts-1layer-21m": _tinystories_neo(1, 1024),
+    "ts-2layers-33m": _tinystories_neo(2, 1024),
+})
 
 
 def get_preset(name: str) -> ModelConfig:
@@ -116,6 +179,14 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _parse_list(text: str) -> list[str]:
+    """A list flag: comma-separated words ("global,local" -> ["global", "local"])."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated words, got {text!r}")
+    return items
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, defaults=None, title: str | None = None):
     """Add one `--field-name` flag per field of dataclass `cls`.
 
@@ -129,12 +200,16 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, defaults=None, titl
         kind = hints[f.name]
         if typing.get_origin(kind) in (typing.Union, types.UnionType):  # `int | None` -> int
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if typing.get_origin(kind) is list:
+            parse, metavar = _parse_list, "A,B,..."
+        else:
+            parse, metavar = (_parse_bool if kind is bool else kind), kind.__name__.upper()
         group.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
-            type=_parse_bool if kind is bool else kind,
+            type=parse,
             default=None,
-            metavar=kind.__name__.upper(),
+            metavar=metavar,
             help=f"{f.metadata.get('help', '')} (default: {getattr(defaults, f.name)})".replace("%", "%%"),
         )
     return group
@@ -210,4 +285,6 @@ TRAIN_PRESETS: dict[str, dict] = {
         learning_rate=2e-3, min_lr=2e-4, warmup_steps=30, batch_size=16, grad_accum=1, max_steps=None,
         epochs=1.0, eval_interval=100, eval_tokens=1 << 16, checkpoint_interval=100, log_interval=10,
     ),
+    # The paper's family trains with the brief's recipe, as `33m` does.
+    **{name: {} for name in PRESETS if name.startswith("ts-")},
 }

@@ -1,4 +1,5 @@
-"""Export a checkpoint as a Hugging Face `transformers` model folder (GPT2LMHeadModel format).
+"""Export a checkpoint as a Hugging Face `transformers` model folder (GPT2LMHeadModel format, or
+GPTNeoForCausalLM for GPT-Neo models: see "GPT-Neo" below).
 
     tinystories export --checkpoint runs/tiny --out hf/tiny-stories
     export_hf("runs/tiny", "hf/tiny-stories")     # the same, from Python; returns the folder
@@ -28,6 +29,14 @@ Why the transpose: our model uses nn.Linear, whose weight is (out, in); GPT-2's 
 (in, out). Everything else (names, GELU flavour, LayerNorm eps, weight tying) already matches by
 construction (see model.py), so the export is a key map plus a transpose. A model trained without
 biases exports zero biases, which computes the same function.
+
+GPT-Neo. A model with local attention layers or unscaled attention (the `ts-*` presets, imported
+TinyStories models) is written as GPTNeoForCausalLM: our fused c_attn is split into q_proj, k_proj,
+v_proj, c_proj becomes out_proj, and attention_layers is written in GPT-Neo's run-length form
+(attention_types). GPT-Neo never scales attention scores, so a model that does (local layers with
+scale_attention=True) has 1/sqrt(head_dim) folded into q_proj, which computes the same function.
+GPT-Neo has no q/k/v biases: a model with them is refused. Importing a GPT-Neo model and exporting
+it gives back identical tensors (tests/test_neo.py).
 
 Choices about `--out`:
   - The folder is written to a temporary sibling and renamed into place, so a failed export never
@@ -89,10 +98,13 @@ def export_hf(checkpoint_path, out_dir) -> Path:
     tmp.mkdir()
     try:
         # bytes, then write: safetensors' save_file makes the file private (0600); an export is for sharing
-        weights = safetensors_bytes(hf_state_dict(model), metadata={"format": "pt"})  # "pt": transformers checks it
+        neo = is_neo(model.config)
+        state = neo_state_dict(model) if neo else hf_state_dict(model)
+        weights = safetensors_bytes(state, metadata={"format": "pt"})  # "pt": transformers checks it
         (tmp / "model.safetensors").write_bytes(weights)
-        del weights
-        _write_json(tmp / "config.json", hf_config(model.config, tokenizer.eot_id, ckpt.config))
+        del weights, state
+        config = (neo_config if neo else hf_config)(model.config, tokenizer.eot_id, ckpt.config)
+        _write_json(tmp / "config.json", config)
         _write_json(tmp / "generation_config.json", generation_config(tokenizer.eot_id, model.config.block_size))
         for name, data in tokenizer_files(tokenizer, model.config.block_size).items():
             (tmp / name).write_bytes(data)
@@ -208,14 +220,102 @@ def hf_config(cfg, eot_id: int, checkpoint_config: dict) -> dict:
         "eos_token_id": eot_id,
         "use_cache": True,
         "dtype": "float32",
-        "tinystories": {
-            "format": EXPORT_FORMAT,
-            "format_version": EXPORT_FORMAT_VERSION,
-            "tinystories_version": __version__,
-            "step": checkpoint_config.get("step"),
-            "val_loss": checkpoint_config.get("val_loss"),
-            "tokenizer": checkpoint_config["tokenizer"].get("name"),
-        },
+        "tinystories": _provenance(checkpoint_config),
+    }
+
+
+def _provenance(checkpoint_config: dict) -> dict:
+    """config.json's `tinystories` entry: where the export came from (and how we recognise our own)."""
+    return {
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_FORMAT_VERSION,
+        "tinystories_version": __version__,
+        "step": checkpoint_config.get("step"),
+        "val_loss": checkpoint_config.get("val_loss"),
+        "tokenizer": checkpoint_config["tokenizer"].get("name"),
+    }
+
+
+# -----------------------------------------------------------------------------
+# GPT-Neo (see the module docstring)
+
+
+def is_neo(cfg) -> bool:
+    """Whether a model needs GPT-Neo's format: GPT-2 has neither local attention nor unscaled scores."""
+    return any(cfg.is_local(i) for i in range(cfg.n_layer)) or not cfg.scale_attention
+
+
+def neo_state_dict(model) -> dict:
+    """Our GPT's weights under GPTNeoForCausalLM's key names (all nn.Linear: no transposes)."""
+    import math
+
+    import torch
+
+    cfg = model.config
+    if model.transformer.h[0].attn.c_attn.bias is not None:
+        raise UserError("GPT-Neo has no q/k/v biases, and this model has them: it cannot be exported as "
+                        "GPT-Neo (train with --qkv-bias false)")
+    ours = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    ours.pop("lm_head.weight")  # tied, as in GPT-2's export
+    hf = {}
+    for name in ["transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "transformer.ln_f.bias"]:
+        hf[name] = ours.pop(name, None)
+    for i in range(cfg.n_layer):
+        p = f"transformer.h.{i}"
+        q, k, v = ours.pop(f"{p}.attn.c_attn.weight").split(cfg.n_embd, dim=0)  # (3C, C) -> 3 x (C, C)
+        if cfg.scale_attention:
+            q = q / math.sqrt(cfg.head_dim)  # (q / sqrt(d)) . k = (q . k) / sqrt(d)
+        hf.update({f"{p}.attn.attention.q_proj.weight": q, f"{p}.attn.attention.k_proj.weight": k,
+                   f"{p}.attn.attention.v_proj.weight": v})
+        for ours_name, hf_name in (("attn.c_proj", "attn.attention.out_proj"), ("ln_1", "ln_1"), ("ln_2", "ln_2"),
+                                   ("mlp.c_fc", "mlp.c_fc"), ("mlp.c_proj", "mlp.c_proj")):
+            hf[f"{p}.{hf_name}.weight"] = ours.pop(f"{p}.{ours_name}.weight")
+            hf[f"{p}.{hf_name}.bias"] = ours.pop(f"{p}.{ours_name}.bias", None)
+    for name, tensor in hf.items():
+        if tensor is None:  # bias=False model: GPT-Neo always has these biases, and zero changes nothing
+            tensor = torch.zeros(hf[name.removesuffix(".bias") + ".weight"].shape[0])
+        hf[name] = tensor.contiguous()
+    if ours:  # a parameter the map does not know would be silently lost
+        raise RuntimeError(f"export does not know where to put {sorted(ours)}")
+    return hf
+
+
+def attention_types(layers: list[str]) -> list:
+    """GPT-Neo's run-length form of per-layer attention: the shortest repeating pattern and its count.
+
+    ["global", "local"] * 4 -> [[["global", "local"], 4]], as in the released TinyStories configs.
+    """
+    n = len(layers)
+    period = next(p for p in range(1, n + 1) if n % p == 0 and layers == layers[:p] * (n // p))
+    return [[layers[:period], n // period]]
+
+
+def neo_config(cfg, eot_id: int, checkpoint_config: dict) -> dict:
+    """config.json of a GPTNeoForCausalLM equal to our model `cfg` (a ModelConfig)."""
+    layers = [("local" if cfg.is_local(i) else "global") for i in range(cfg.n_layer)]
+    return {
+        "architectures": ["GPTNeoForCausalLM"],
+        "model_type": "gpt_neo",
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.block_size,
+        "hidden_size": cfg.n_embd,
+        "num_layers": cfg.n_layer,
+        "num_heads": cfg.n_head,
+        "attention_types": attention_types(layers),
+        "window_size": cfg.window_size,
+        "intermediate_size": None,  # = 4 * hidden_size, as ours
+        "activation_function": "gelu_new",  # tanh-approximated GELU
+        "resid_dropout": cfg.dropout,
+        "embed_dropout": cfg.dropout,
+        "attention_dropout": cfg.dropout,
+        "layer_norm_epsilon": 1e-5,  # torch.nn.LayerNorm's default, which our model uses
+        "initializer_range": 0.02,
+        "tie_word_embeddings": True,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "use_cache": True,
+        "dtype": "float32",
+        "tinystories": _provenance(checkpoint_config),
     }
 
 
@@ -288,6 +388,23 @@ def model_card(model, tokenizer, checkpoint_config: dict) -> str:
     skip = {"format", "format_version", "model", "tokenizer", "step", "val_loss"}
     extra = [f"| {k} | {v} |" for k, v in checkpoint_config.items()
              if k not in skip and isinstance(v, (int, float, str, bool))]
+    neo = is_neo(cfg)
+    if neo:
+        kinds = sorted(set("local" if cfg.is_local(i) else "global" for i in range(cfg.n_layer)))
+        family, tag = "GPT-Neo", "gpt_neo"
+        architecture = (f"GPT-Neo (`GPTNeoForCausalLM`): learned positions, pre-LayerNorm, {' and '.join(kinds)} "
+                        f"attention (local window {cfg.window_size}), unscaled attention scores, tanh-GELU, 4x MLP")
+        how = ("a renaming of the checkpoint's weights plus a split of the fused q/k/v matrix into GPT-Neo's "
+               "q_proj/k_proj/v_proj")
+    else:
+        family, tag = "GPT-2", "gpt2"
+        architecture = "GPT-2 (`GPT2LMHeadModel`): learned positions, pre-LayerNorm, tanh-GELU, 4x MLP"
+        how = ("a renaming of the checkpoint's weights plus a transpose of the attention and MLP matrices "
+               "(GPT-2's Conv1D layout)")
+    imported = checkpoint_config.get("imported_from")
+    origin = (f"Imported from `{imported.get('source')}` with `tinystories import`, then trained and exported with "
+              f"tinystories {__version__}" if isinstance(imported, dict) else
+              f"Trained and exported with tinystories {__version__}")
     tok_text = (
         "GPT-2's byte-level BPE (50,257 tokens, OpenAI's `vocab.json`/`merges.txt`)"
         if tokenizer.name == "gpt2"
@@ -301,16 +418,17 @@ def model_card(model, tokenizer, checkpoint_config: dict) -> str:
         "language:",
         "- en",
         "tags:",
-        "- gpt2",
+        f"- {tag}",
         "- tinystories",
         "- text-generation",
         "datasets:",
         "- roneneldan/TinyStories",
         "---",
         "",
-        f"# TinyStories GPT-2 ({_millions(total)} parameters)",
+        f"# TinyStories {family} ({_millions(total)} parameters)",
         "",
-        "A small GPT-2-style language model trained from scratch on TinyStories (Eldan & Li 2023, "
+        f"A small {family}-style language model trained {'' if imported else 'from scratch '}on TinyStories "
+        "(Eldan & Li 2023, "
         "[arXiv:2305.07759](https://arxiv.org/abs/2305.07759)), short stories in the vocabulary of a "
         "3-to-4-year-old. It writes simple English stories; it knows little else.",
         "",
@@ -318,7 +436,7 @@ def model_card(model, tokenizer, checkpoint_config: dict) -> str:
         "",
         "| | |",
         "| --- | --- |",
-        "| architecture | GPT-2 (`GPT2LMHeadModel`): learned positions, pre-LayerNorm, tanh-GELU, 4x MLP |",
+        f"| architecture | {architecture} |",
         f"| layers x heads x width | {cfg.n_layer} x {cfg.n_head} x {cfg.n_embd} |",
         f"| context | {cfg.block_size} tokens |",
         f"| vocabulary | {cfg.vocab_size:,} tokens |",
@@ -352,10 +470,9 @@ def model_card(model, tokenizer, checkpoint_config: dict) -> str:
         "",
         "## How it was made",
         "",
-        f"Trained and exported with tinystories {__version__} "
-        "(`tinystories train`, then `tinystories export --checkpoint RUN --out DIR`). The export is a "
-        "renaming of the checkpoint's weights plus a transpose of the attention and MLP matrices "
-        "(GPT-2's Conv1D layout); logits match the original model to within 1e-5 in fp32.",
+        f"{origin} "
+        f"(`tinystories train`, then `tinystories export --checkpoint RUN --out DIR`). The export is {how}; "
+        "logits match the original model to within 1e-5 in fp32.",
         "",
         "The TinyStories data is licensed CDLA-Sharing-1.0.",
         "",

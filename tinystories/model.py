@@ -5,6 +5,12 @@ Learned positions, pre-LayerNorm blocks, causal self-attention through
 dropout, the output layer tied to the token embedding, GPT-2 initialisation (Radford et al. 2019,
 section 2.3: residual projections scaled by 1/sqrt(2 * n_layer)).
 
+GPT-Neo (the paper's released TinyStories models) is the same network with three config switches:
+`attention_layers` makes some blocks local (each token sees only the last `window_size` tokens),
+`scale_attention=False` drops the 1/sqrt(head_dim) on attention scores, `qkv_bias=False` drops the
+q/k/v biases. HF's GPT-Neo computes attention scores in fp32 even under autocast; ours follow the
+autocast dtype (SDPA accumulates in fp32 either way).
+
 Parameter names follow Hugging Face's GPT2LMHeadModel (`transformer.h.0.attn.c_attn.weight`, ...)
 so export is a key map plus a transpose of the Conv1D weights.
 
@@ -55,11 +61,14 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
+        qkv_bias = config.bias if config.qkv_bias is None else config.qkv_bias  # GPT-Neo: none
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=qkv_bias)  # q, k, v at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.is_residual_projection = True  # scaled at init, see GPT._init_weights
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        # None = SDPA's 1/sqrt(head_dim); GPT-Neo does not scale the scores at all
+        self.scale = None if config.scale_attention else 1.0
 
     def forward(self, x, layer: int, kv_cache: KVCache | None, attn_mask: torch.Tensor | None):
         B, T, C = x.shape
@@ -75,6 +84,7 @@ class CausalSelfAttention(nn.Module):
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=attn_mask is None,  # no mask given means: plain causal, no cache, no padding
+            scale=self.scale,
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, n_head, T, hd) -> (B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -176,7 +186,11 @@ class GPT(nn.Module):
             pos = torch.arange(start, start + T, device=idx.device).unsqueeze(0)  # (1, T)
 
         attn_mask = None  # plain causal attention: the fast path SDPA handles itself
-        if kv_cache is not None or key_mask is not None:
+        needs_mask = kv_cache is not None or key_mask is not None
+        # Local layers (GPT-Neo) need a band mask once a query is window_size or more tokens past
+        # a key; in shorter sequences they see exactly what global layers see.
+        banded = "local" in (self.config.attention_layers or ()) and start + T > self.config.window_size
+        if needs_mask or banded:
             # query i (absolute position start + i) may see key j when j <= start + i ...
             q_at = torch.arange(start, start + T, device=idx.device)
             k_at = torch.arange(start + T, device=idx.device)
@@ -186,11 +200,19 @@ class GPT(nn.Module):
                 # never has every key masked (which would make SDPA return NaN).
                 itself = k_at[None, :] == q_at[:, None]
                 attn_mask = attn_mask & (key_mask[:, None, None, :] | itself[None, None])  # (B, 1, T, start + T)
+        local_mask = attn_mask
+        if banded:
+            # ... and, in a local layer, j > start + i - window_size: the last window_size keys,
+            # itself included (HF GPT-Neo's mask). Cache indices, not positions: left padding
+            # shifts both alike, and padding is masked anyway.
+            local_mask = attn_mask & (k_at[None, :] > q_at[:, None] - self.config.window_size)[None, None]
+            if not needs_mask:
+                attn_mask = None  # global layers keep SDPA's causal fast path
 
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, layer, kv_cache, attn_mask)
+            x = block(x, layer, kv_cache, local_mask if self.config.is_local(layer) else attn_mask)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.length = start + T

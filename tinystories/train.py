@@ -33,7 +33,9 @@ import torch
 import torch.distributed as dist
 
 from tinystories import __version__
-from tinystories.checkpoint import load_checkpoint, load_trainer_state, save_checkpoint
+from tinystories.checkpoint import (
+    load_checkpoint, load_trainer_state, read_checkpoint_config, resolve_checkpoint, save_checkpoint,
+)
 from tinystories.config import (
     TRAIN_PRESETS, ModelConfig, TrainConfig, from_dict, get_preset, overrides_from_args,
 )
@@ -92,8 +94,12 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def resolve_configs(args, data_meta: dict, saved: dict | None) -> tuple[str, ModelConfig, TrainConfig]:
-    """Preset (or the resumed run's config), then --config FILE, then flags; vocab from the data."""
+def resolve_configs(args, data_meta: dict, saved: dict | None, init: dict | None = None) -> tuple[str, ModelConfig, TrainConfig]:
+    """Preset (or the resumed run's config), then --config FILE, then flags; vocab from the data.
+
+    init: config.json of the --init-from checkpoint. Its model config replaces the preset's (the
+    preset then gives only training settings), and what the settings change must fit its weights.
+    """
     if saved is not None:
         preset = saved["preset"]
         if args.preset not in (None, preset):
@@ -102,8 +108,11 @@ def resolve_configs(args, data_meta: dict, saved: dict | None) -> tuple[str, Mod
         train = dict(saved["train"])
     else:
         preset = args.preset or "33m"
-        model = get_preset(preset).to_dict()
-        model.pop("vocab_size")  # comes from the data unless set explicitly
+        if init is not None:
+            model = dict(init["model"])
+        else:
+            model = get_preset(preset).to_dict()
+            model.pop("vocab_size")  # comes from the data unless set explicitly
         train = {**TrainConfig().to_dict(), **TRAIN_PRESETS[preset]}
     if args.config:
         try:
@@ -127,10 +136,37 @@ def resolve_configs(args, data_meta: dict, saved: dict | None) -> tuple[str, Mod
         raise UserError(f"vocab_size {model['vocab_size']} is smaller than the data's tokenizer ({data_vocab} tokens)")
     model_cfg = from_dict(ModelConfig, model, what="model config")
     train_cfg = from_dict(TrainConfig, train, what="training config")
-    if saved is not None and model_cfg.to_dict() != saved["model"]:
-        changed = sorted(k for k, v in model_cfg.to_dict().items() if saved["model"].get(k) != v)
-        raise UserError(f"cannot resume with another model config (changed: {', '.join(changed)}); use a new --out")
+    if saved is not None:
+        before = ModelConfig.from_dict(saved["model"]).to_dict()  # with fields added since at their defaults
+        changed = sorted(k for k, v in model_cfg.to_dict().items() if before[k] != v)
+        if changed:
+            raise UserError(f"cannot resume with another model config (changed: {', '.join(changed)}); use a new --out")
+    if init is not None:
+        check_init_fits(model_cfg, ModelConfig.from_dict(init["model"]))
     return preset, model_cfg, train_cfg
+
+
+def check_init_fits(model_cfg: ModelConfig, ckpt_cfg: ModelConfig) -> None:
+    """--init-from: the new run's model must take the checkpoint's weights as they are, except that
+    dropout may change and block_size may shrink (the learned positions are cropped, nanoGPT's
+    crop_block_size: the released TinyStories models have 2,048 positions, the paper trained at 512)."""
+    new, old = model_cfg.to_dict(), ckpt_cfg.to_dict()
+    changed = sorted(k for k in new if k not in ("dropout", "block_size") and new[k] != old[k])
+    if changed:
+        raise UserError(
+            "--init-from: the checkpoint's model has " + ", ".join(f"{k}={old[k]}" for k in changed)
+            + "; drop the settings that change it (only dropout and a smaller block_size may differ)"
+        )
+    if new["block_size"] > old["block_size"]:
+        raise UserError(f"--init-from: block_size {new['block_size']} is larger than the checkpoint's "
+                        f"{old['block_size']} learned positions; use at most {old['block_size']}")
+
+
+def initial_weights(path, block_size: int) -> dict:
+    """The --init-from checkpoint's weights, positions cropped to `block_size`."""
+    weights = load_checkpoint(path).model.state_dict()
+    weights["transformer.wpe.weight"] = weights["transformer.wpe.weight"][:block_size]
+    return weights
 
 
 # -----------------------------------------------------------------------------
@@ -252,7 +288,13 @@ def run(args) -> int:
     tokenizer = load_data_tokenizer(args.data)
     if saved is not None:
         check_same_tokenizer(saved["data"]["tokenizer"], meta["tokenizer"], "the run", f"the data in {args.data}")
-    preset, model_cfg, cfg = resolve_configs(args, meta, saved)
+    init_from, init = getattr(args, "init_from", None), None
+    if init_from is not None:  # a new run that starts from a checkpoint's weights (fine-tuning)
+        if saved is not None:
+            raise UserError("drop --init-from when resuming: a run continues from its own checkpoints/last")
+        init = read_checkpoint_config(init_from)
+        check_same_tokenizer(init["tokenizer"], meta["tokenizer"], f"--init-from {init_from}", f"the data in {args.data}")
+    preset, model_cfg, cfg = resolve_configs(args, meta, saved, init)
 
     # --- processes and devices ------------------------------------------------------------
     if ddp:
@@ -282,6 +324,8 @@ def run(args) -> int:
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = GPT(model_cfg).to(device)
+    if init is not None:
+        model.load_state_dict(initial_weights(init_from, model_cfg.block_size))
     torch.manual_seed(cfg.seed + 1 + rank)  # each rank its own dropout stream
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
@@ -304,6 +348,7 @@ def run(args) -> int:
 
     run_config = {
         "preset": preset, "model": model_cfg.to_dict(), "train": cfg.to_dict(), "total_steps": total_steps,
+        "init_from": str(resolve_checkpoint(init_from)) if init is not None else None,
         "data": {"dir": str(Path(args.data).resolve()), "tokenizer": meta["tokenizer"], "train_tokens": len(train_tokens)},
         "device": str(device), "dtype": str(dtype).removeprefix("torch."), "world_size": world_size,
         "command_line": sys.argv, "git_commit": _git_commit(), "versions": _versions(),
@@ -329,7 +374,8 @@ def run(args) -> int:
     stop.install()
     if master:
         n_params = raw_model.num_params()
-        print(f"training {preset}: {n_params / 1e6:.2f}M parameters ({raw_model.num_params(True) / 1e6:.2f}M non-embedding), "
+        origin = f" from the weights of {run_config['init_from']}" if init is not None else ""
+        print(f"training {preset}{origin}: {n_params / 1e6:.2f}M parameters ({raw_model.num_params(True) / 1e6:.2f}M non-embedding), "
               f"tokenizer {tokenizer.name}, {len(train_tokens):,} train tokens; steps {start_step} -> {total_steps} "
               f"of {tokens_per_step:,} tokens; {device} {run_config['dtype']}, {world_size} process(es)", flush=True)
         if cfg.warmup_steps >= total_steps:

@@ -1,0 +1,369 @@
+"""`tinystories import`: a Hugging Face GPT-Neo or GPT-2 model becomes a tinystories checkpoint.
+
+    tinystories import --from roneneldan/TinyStories-33M --out ckpt/ts-33m   # from the Hub
+    tinystories import --from ~/models/TinyStories-33M --out ckpt/ts-33m     # a downloaded folder
+    tinystories evaluate --checkpoint ckpt/ts-33m --data data/ts             # then anything a checkpoint does
+    tinystories train --data data/ts --init-from ckpt/ts-33m --out runs/ft   # fine-tune it
+    import_hf("~/models/TinyStories-33M", "ckpt/ts-33m")                     # the same, from Python
+
+The paper's released models (roneneldan/TinyStories-1M ... -33M, -1Layer-21M, -2Layers-33M and
+the Instruct variants) are GPT-Neo; GPT-2 folders (GPT2LMHeadModel, e.g. our own exports) import
+too. A repo id is fetched with `huggingface_hub.snapshot_download` (an optional dependency;
+`HF_ENDPOINT` and `HF_HUB_OFFLINE` apply); without the Hub, download the folder elsewhere and
+pass its path.
+
+What is read, and how:
+  config.json         GPTNeoConfig / GPT2Config fields -> ModelConfig. GPT-Neo: `attention_types`
+                      ([[["global", "local"], 4]]) expands to one entry per layer, window_size,
+                      max_position_embeddings -> block_size (2,048 for the released models), no
+                      attention scaling, no q/k/v bias. Anything our model cannot compute exactly
+                      (another activation, LayerNorm eps, MLP width, untied output layer, ...) is
+                      refused with one line rather than imported approximately.
+  weights             model.safetensors (or shards listed in model.safetensors.index.json), else
+                      pytorch_model.bin (or its shards) read with torch.load(weights_only=True):
+                      tensors only, never unpickled code. Stored as fp32.
+  tokenizer           GPT-2's vocabulary (what GPT-Neo and the TinyStories models use), given as
+                      vocab.json + merges.txt or tokenizer.json, becomes our `gpt2` tokenizer: the
+                      vocabulary and merges are rewritten in OpenAI's file format and must hash to
+                      OpenAI's encoder.json / vocab.bpe (tokenizer.GPT2_FILES), so prepared gpt2
+                      data and imported models share one fingerprint, and no download is needed.
+                      Any other tokenizer.json that holds <|endoftext|> (e.g. our own bpe-N
+                      exports) is kept as a `tokenizers` BPE. Anything else is refused.
+
+Key map. GPT-Neo's separate q_proj / k_proj / v_proj (nn.Linear, (out, in)) are stacked into our
+fused c_attn (q, k, v in that order, as our attention splits it); out_proj is c_proj; ln_1, ln_2,
+mlp.c_fc, mlp.c_proj, wte, wpe, ln_f keep their names. GPT-2's Conv1D weights are transposed to
+nn.Linear. Buffers of old transformers versions (attention masks) are skipped; the tied lm_head
+must equal wte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from tinystories.config import ModelConfig
+from tinystories.errors import UserError
+from tinystories.tokenizer import BPE_FILE, EOT, GPT2_FILES, sha256_file
+
+# What a model folder may hold that we read; a Hub download fetches only these.
+HUB_PATTERNS = [
+    "config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
+    "pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin",
+    "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+]
+# Buffers older transformers versions saved beside the weights: causal masks, not parameters.
+BUFFERS = (".attn.attention.bias", ".attn.attention.masked_bias", ".attn.bias", ".attn.masked_bias")
+# HF GPT-2's Conv1D layers store (in, out); ours are nn.Linear (out, in).
+GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")  # both are 0.5x(1 + tanh(...)), = F.gelu(approximate="tanh")
+
+
+def run(args) -> int:
+    out = import_hf(args.source, args.out, tokenizer=args.tokenizer, revision=args.revision)
+    from tinystories.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(out)  # proves the checkpoint loads with nothing but its path
+    cfg, info = ckpt.model_config, ckpt.config["imported_from"]
+    kinds = "/".join(sorted(set(cfg.attention_layers or ["global"])))
+    print(f"imported {args.source} ({info['architecture']}: {cfg.n_layer} layers ({kinds} attention), "
+          f"{cfg.n_head} heads, {cfg.n_embd} wide, {cfg.block_size} positions, "
+          f"{ckpt.model.num_params():,} parameters; tokenizer {ckpt.tokenizer.name}) to {out}")
+    return 0
+
+
+def import_hf(source, out, *, tokenizer: str = "auto", revision: str | None = None) -> Path:
+    """Write our checkpoint folder `out` for a transformers model folder or Hub repo; return `out`."""
+    from tinystories.checkpoint import save_checkpoint
+    from tinystories.model import GPT
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} already exists and is not empty; choose a new folder for the checkpoint")
+    folder = locate(source, revision)
+    hf = _read_config(folder)
+    architecture, model_cfg = model_config_from_hf(hf, where=folder / "config.json")
+    tok = tokenizer_from_hf(folder, use_gpt2=tokenizer == "gpt2")
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise UserError(f"{folder}: the tokenizer has {tok.vocab_size} tokens but the model only {model_cfg.vocab_size}")
+
+    hf_weights, files = read_hf_weights(folder)
+    ours = state_dict_from_hf(hf_weights, model_cfg, architecture, where=folder)
+    model = GPT(model_cfg)
+    model.load_state_dict(ours, strict=False)  # strict=False: lm_head is tied to wte, not in `ours`
+    provenance = {
+        "source": str(source), "revision": revision, "architecture": architecture,
+        "transformers_version": hf.get("transformers_version"), "files": files,
+    }
+    return save_checkpoint(out, model, tok, step=0, val_loss=None, extra={"imported_from": provenance})
+
+
+# -----------------------------------------------------------------------------
+# Where the files are
+
+
+def locate(source, revision: str | None = None) -> Path:
+    """A local model folder as is; a Hub repo id ("owner/name") downloaded into the Hub cache."""
+    path = Path(os.path.expanduser(str(source)))
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise UserError(f"--from {source} is a file; give the model's folder (with config.json)")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) or str(source).startswith((".", "/")):
+        raise UserError(f"--from {source} does not exist (give a model folder, or a Hub repo id such as "
+                        "roneneldan/TinyStories-33M)")
+    offline_help = ("download the folder on a machine that can reach the Hub (e.g. `hf download "
+                    f"{source} --local-dir DIR`) and pass --from DIR")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UserError(f"{source} looks like a Hub repo id, but huggingface_hub is not installed "
+                        f"(pip install huggingface_hub); or {offline_help}") from None
+    try:
+        return Path(snapshot_download(str(source), revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # offline, unknown repo, gated, HTTP errors: all one line for the user
+        raise UserError(f"could not download {source} from the Hugging Face Hub ({type(e).__name__}); "
+                        f"{offline_help}") from None
+
+
+def _read_config(folder: Path) -> dict:
+    file = folder / "config.json"
+    if not file.is_file():
+        raise UserError(f"{folder} has no config.json; it is not a transformers model folder")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{file} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{file} is not a transformers config (not a JSON object)")
+    return config
+
+
+# -----------------------------------------------------------------------------
+# config.json -> ModelConfig
+
+
+def expand_attention_types(attention_types) -> list[str]:
+    """GPT-Neo's run-length form, [[["global", "local"], 2]], as one entry per layer."""
+    try:
+        return [kind for kinds, repeat in attention_types for _ in range(repeat) for kind in kinds]
+    except (TypeError, ValueError):
+        raise UserError(f"attention_types {attention_types!r} is not GPT-Neo's [[[kinds...], repeat], ...] form") from None
+
+
+def model_config_from_hf(hf: dict, where="config.json") -> tuple[str, ModelConfig]:
+    """("GPT-Neo" or "GPT-2", our config) for a transformers config dict; refuse what we cannot compute."""
+    model_type = hf.get("model_type")
+    if model_type == "gpt_neo":
+        return "GPT-Neo", _neo_config(hf, where)
+    if model_type == "gpt2":
+        return "GPT-2", _gpt2_config(hf, where)
+    raise UserError(f"{where}: model_type {model_type!r} is not supported; tinystories imports gpt_neo "
+                    "(the TinyStories models) and gpt2")
+
+
+def _require(where, checks: dict) -> None:
+    """checks: {description of what we need: whether the config has it}."""
+    failed = [what for what, ok in checks.items() if not ok]
+    if failed:
+        raise UserError(f"{where}: cannot import exactly: needs {'; '.join(failed)}")
+
+
+def _neo_config(hf: dict, where) -> ModelConfig:
+    # Missing keys take GPTNeoConfig's defaults, as transformers would.
+    width = hf.get("hidden_size", 2048)
+    n_layer = hf.get("num_layers", hf.get("num_hidden_layers", 24))
+    layers = expand_attention_types(hf.get("attention_types") or [[["global", "local"], 12]])
+    _require(where, {
+        "activation_function gelu_new": hf.get("activation_function", "gelu_new") in TANH_GELU,
+        "intermediate_size null or 4 x hidden_size": hf.get("intermediate_size") in (None, 4 * width),
+        "layer_norm_epsilon 1e-5": hf.get("layer_norm_epsilon", 1e-5) == 1e-5,
+        "tie_word_embeddings true": hf.get("tie_word_embeddings", True) is True,
+        f"one attention type per layer ({n_layer})": len(layers) == n_layer,
+        "attention_layers equal to attention_types expanded": hf.get("attention_layers", layers) == layers,
+    })
+    return ModelConfig(
+        n_layer=n_layer, n_head=hf.get("num_heads", hf.get("num_attention_heads", 16)), n_embd=width,
+        block_size=hf.get("max_position_embeddings", 2048), vocab_size=hf.get("vocab_size", 50257),
+        dropout=float(hf.get("resid_dropout", 0.0)), bias=True, attention_layers=layers,
+        window_size=hf.get("window_size", 256), scale_attention=False, qkv_bias=False,
+    )
+
+
+def _gpt2_config(hf: dict, where) -> ModelConfig:
+    width = hf.get("n_embd", 768)
+    _require(where, {
+        "activation_function gelu_new": hf.get("activation_function", "gelu_new") in TANH_GELU,
+        "n_inner null or 4 x n_embd": hf.get("n_inner") in (None, 4 * width),
+        "layer_norm_epsilon 1e-5": hf.get("layer_norm_epsilon", 1e-5) == 1e-5,
+        "tie_word_embeddings true": hf.get("tie_word_embeddings", True) is True,
+        "scale_attn_weights true": hf.get("scale_attn_weights", True) is True,
+        "scale_attn_by_inverse_layer_idx false": hf.get("scale_attn_by_inverse_layer_idx", False) is False,
+    })
+    return ModelConfig(
+        n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=width,
+        block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
+        dropout=float(hf.get("resid_pdrop", 0.1)), bias=True,
+    )
+
+
+# -----------------------------------------------------------------------------
+# Weights
+
+
+def read_hf_weights(folder: Path) -> tuple[dict, dict]:
+    """(tensors by HF name, {file name: sha256}) from safetensors if present, else pytorch_model.bin."""
+    import torch
+
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (folder / index).is_file():
+            try:
+                names = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise UserError(f"{folder / index} is not a valid weight index ({type(e).__name__})") from None
+        elif (folder / single).is_file():
+            names = [single]
+        else:
+            continue
+        weights, files = {}, {}
+        for name in names:
+            path = folder / name
+            if not path.is_file():
+                raise UserError(f"{path} is missing (listed in {index}); the download is incomplete")
+            weights.update(_load_weights_file(path, torch))
+            files[name] = sha256_file(path)
+        return weights, files
+    raise UserError(f"{folder} has no weights (model.safetensors or pytorch_model.bin)")
+
+
+def _load_weights_file(path: Path, torch) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{path} is truncated or corrupted ({e})") from None
+    try:  # weights_only: tensors and containers only; a pickle holding code is refused, not run
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises pickle/zip/runtime errors for damaged or unsafe files
+        raise UserError(f"{path} is truncated, corrupted or holds more than tensors ({type(e).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} is not a state dict of tensors")
+    return state
+
+
+def state_dict_from_hf(hf_weights: dict, cfg: ModelConfig, architecture: str, where) -> dict:
+    """Our parameter names and layout (fp32, contiguous, lm_head left out) for HF's tensors."""
+    import torch
+
+    hf = {k: v for k, v in hf_weights.items() if not k.endswith(BUFFERS)}
+    if not any(k.startswith("transformer.") for k in hf):  # saved from the base model: no "transformer." prefix
+        hf = {(k if k == "lm_head.weight" else "transformer." + k): v for k, v in hf.items()}
+    lm_head = hf.pop("lm_head.weight", None)
+    if lm_head is not None and "transformer.wte.weight" in hf and not torch.equal(lm_head, hf["transformer.wte.weight"]):
+        raise UserError(f"{where}: lm_head.weight differs from the token embedding; untied output layers are not supported")
+
+    ours = {}
+    for name, tensor in hf.items():
+        ours[_our_name(name, architecture)] = tensor
+    for i in range(cfg.n_layer):
+        p = f"transformer.h.{i}.attn"
+        if architecture == "GPT-Neo":  # separate q, k, v (out, in) -> one (3C, C), in our split order
+            parts = [ours.pop(f"{p}.{x}_proj.weight", None) for x in "qkv"]
+            if all(t is not None for t in parts):
+                ours[f"{p}.c_attn.weight"] = torch.cat(parts, dim=0)
+    for name in list(ours):
+        if architecture == "GPT-2" and name.endswith(GPT2_CONV1D):
+            ours[name] = ours[name].t()  # Conv1D (in, out) -> nn.Linear (out, in)
+        ours[name] = ours[name].to(torch.float32).contiguous()
+
+    from tinystories.model import GPT
+
+    with torch.device("meta"):  # shapes only
+        expected = {k: v.shape for k, v in GPT(cfg).state_dict().items() if k != "lm_head.weight"}
+    got = {k: v.shape for k, v in ours.items()}
+    if expected != got:
+        missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+        raise UserError(f"{where}: the weights do not fit config.json (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}, wrong shape {wrong[:3]})")
+    return ours
+
+
+def _our_name(hf_name: str, architecture: str) -> str:
+    if architecture == "GPT-Neo":  # transformer.h.0.attn.attention.q_proj.weight -> transformer.h.0.attn.q_proj.weight
+        hf_name = hf_name.replace(".attn.attention.", ".attn.").replace(".attn.out_proj.", ".attn.c_proj.")
+    return hf_name
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+
+def tokenizer_from_hf(folder: Path, use_gpt2: bool = False):
+    """Our Tokenizer for the model folder's tokenizer files (see the module docstring)."""
+    from tinystories.tokenizer import BPETokenizer, load_gpt2
+
+    vocab, merges = _read_vocab_and_merges(folder)
+    if vocab is not None:
+        gpt2 = _as_openai_gpt2_files(vocab, merges)
+        if gpt2 is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                for name, data in gpt2.items():
+                    (Path(tmp) / name).write_bytes(data)
+                return load_gpt2(tmp)  # checks the hashes again, builds the tiktoken encoding
+        if (folder / BPE_FILE).is_file():
+            return BPETokenizer.from_file(folder / BPE_FILE)  # refuses a file without <|endoftext|>
+        raise UserError(f"{folder}: the tokenizer (vocab.json + merges.txt) is not GPT-2's and there is no "
+                        f"{BPE_FILE}; tinystories supports GPT-2's vocabulary or a tokenizers {BPE_FILE}")
+    if use_gpt2:
+        return load_gpt2()
+    raise UserError(f"{folder} has no tokenizer files (vocab.json + merges.txt, or {BPE_FILE}); add them, or pass "
+                    "--tokenizer gpt2 if the model uses GPT-2's vocabulary (the TinyStories models do)")
+
+
+def _read_vocab_and_merges(folder: Path) -> tuple[dict | None, list[str] | None]:
+    """A BPE's vocabulary and merges ("a b" strings) from vocab.json + merges.txt or tokenizer.json."""
+    try:
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+            lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+            return vocab, [line for line in lines if line and not line.startswith("#version")]
+        if (folder / BPE_FILE).is_file():
+            tok = json.loads((folder / BPE_FILE).read_text(encoding="utf-8"))
+            model = tok.get("model") or {}
+            if model.get("type") != "BPE":
+                raise UserError(f"{folder / BPE_FILE} is not a BPE tokenizer ({model.get('type')}); not supported")
+            vocab = dict(model.get("vocab") or {})
+            for added in tok.get("added_tokens") or []:  # <|endoftext|> may live only here
+                vocab.setdefault(added["content"], added["id"])
+            # tokenizers wrote merges as "a b" strings, newer versions as ["a", "b"] pairs
+            merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+            return vocab, merges
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{folder}: the tokenizer files are damaged ({type(e).__name__}: {e})") from None
+    return None, None
+
+
+def _as_openai_gpt2_files(vocab: dict, merges: list[str]) -> dict[str, bytes] | None:
+    """OpenAI's encoder.json and vocab.bpe bytes, if `vocab` and `merges` are exactly GPT-2's; else None.
+
+    OpenAI wrote encoder.json with json.dumps in id order and vocab.bpe as a "#version: 0.2" line plus
+    one merge per line, so rewriting the vocabulary that way reproduces their files bit for bit;
+    their sha256 then proves it is the same tokenizer.
+    """
+    if not isinstance(vocab, dict) or vocab.get(EOT) != 50256:
+        return None
+    files = {
+        "encoder.json": json.dumps(dict(sorted(vocab.items(), key=lambda kv: kv[1]))).encode("utf-8"),
+        "vocab.bpe": ("#version: 0.2\n" + "".join(m + "\n" for m in merges)).encode("utf-8"),
+    }
+    ok = all(hashlib.sha256(files[name]).hexdigest() == digest for name, digest in GPT2_FILES.items())
+    return files if ok else None
