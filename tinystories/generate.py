@@ -144,22 +144,26 @@ def stream(
     decoder = None
     if use_cache:
         longest = max(len(c) for c in contexts)
-        decoder = _CachedDecoder(model, len(contexts), min(block_size, longest + max_new_tokens))
+        with torch.inference_mode():
+            decoder = _CachedDecoder(model, len(contexts), min(block_size, longest + max_new_tokens))
     was_training = model.training
     model.eval()
     try:
         for step in range(max_new_tokens):
             new_starts = [window_start(len(c), s, block_size, window_keep) for c, s in zip(contexts, starts)]
-            if decoder is None:
-                logits = _full_forward_logits(model, contexts, new_starts)
-            elif step == 0 or new_starts != starts:  # the first step, or a window jumped: refill
-                logits = decoder.prefill([c[s:] for c, s in zip(contexts, new_starts)])
-            else:  # the cache holds c[s:-1] of each row: feed the token sampled last
-                last = [c[-1] for c in contexts]
-                logits = decoder.decode(last, [len(c) - 1 - s for c, s in zip(contexts, new_starts)])
+            # No autograd graph (it would keep every step's activations alive). Entered per step,
+            # not around the generator, so the caller's code between steps keeps its own mode.
+            with torch.inference_mode():
+                if decoder is None:
+                    logits = _full_forward_logits(model, contexts, new_starts)
+                elif step == 0 or new_starts != starts:  # the first step, or a window jumped: refill
+                    logits = decoder.prefill([c[s:] for c, s in zip(contexts, new_starts)])
+                else:  # the cache holds c[s:-1] of each row: feed the token sampled last
+                    last = [c[-1] for c in contexts]
+                    logits = decoder.decode(last, [len(c) - 1 - s for c, s in zip(contexts, new_starts)])
+                tokens = sample_next(logits, temperature, top_k, top_p, generator).tolist()
             starts = new_starts
 
-            tokens = sample_next(logits, temperature, top_k, top_p, generator).tolist()
             out: list[int | None] = []
             for row, token in enumerate(tokens):
                 # Ended rows keep decoding (the batch moves in lockstep) but their tokens are dropped.
