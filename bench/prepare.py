@@ -1,0 +1,100 @@
+"""Benchmark: `prepare`'s tokenize+write throughput against plain single-threaded tiktoken.
+
+    .venv/bin/python bench/prepare.py [--copies 2] [--repeats 3]
+
+The text: every story of the five files in ../shared/data/tinystories (~14.6 MB), `--copies` times,
+as one official-format .txt. In the same run, alternating, it times
+  baseline  `encode_ordinary(story)` for each story, one thread: tokenizing only, nothing written;
+  prepare   `tinystories.prepare.prepare` on the file (gpt2, no test split): its streaming stage
+            (read, clean, tokenize on all cores, write train.bin/val.bin), and the whole call
+            (also hashing/validating the file and loading the vocabulary).
+Throughput is MB of story text (UTF-8) per second; the median of the repeats is reported, with
+the cores each side kept busy (CPU time / wall time). The machine may be shared: with other work
+running, the kernel's per-session fair share caps both sides alike, so the ratio tends to 1 however
+many threads prepare uses; its load average is printed with the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tinystories.prepare import prepare  # noqa: E402
+from tinystories.tokenizer import EOT, load_gpt2  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--copies", type=int, default=2, help="times the shared stories are repeated in the input")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each side (median reported)")
+    args = ap.parse_args()
+
+    stories = []
+    for path in sorted((SHARED / "tinystories").glob("*.txt")):
+        stories += [s.strip() for s in path.read_text(encoding="utf-8").split(EOT)[:-1]]
+    stories = [s for s in stories if s] * args.copies
+    text_mb = sum(len(s.encode("utf-8")) for s in stories) / 1e6
+    tok = load_gpt2(SHARED / "gpt2")
+    enc = tok._enc  # the tiktoken Encoding itself: the baseline is plain tiktoken
+
+    baseline, stage, whole, cores = [], [], [], {"baseline": [], "prepare": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "stories.txt"
+        src.write_text("".join(f"{s}\n{EOT}\n" for s in stories), encoding="utf-8")
+        for _ in range(args.repeats):
+            t, c = time.perf_counter(), cpu_seconds()
+            n_tokens = sum(len(enc.encode_ordinary(s)) for s in stories)
+            baseline.append(text_mb / (time.perf_counter() - t))
+            cores["baseline"].append((cpu_seconds() - c) / (time.perf_counter() - t))
+
+            timings, c = {}, cpu_seconds()
+            meta = prepare(src, Path(tmp) / "out", gpt2_vocab=SHARED / "gpt2", test="none", force=True,
+                           timings=timings, progress=False)
+            stage.append(text_mb / timings["tokenize"])
+            whole.append(text_mb / timings["total"])
+            cores["prepare"].append((cpu_seconds() - c) / timings["total"])
+            written = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
+            assert written == n_tokens + len(stories), "prepare wrote other tokens than tiktoken gives"
+
+    b, s, w = (statistics.median(x) for x in (baseline, stage, whole))
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; "
+          f"Python {platform.python_version()}", file=sys.stderr)
+    print(f"text: {len(stories):,} stories, {text_mb:.1f} MB, {n_tokens:,} GPT-2 tokens; median of {args.repeats}",
+          file=sys.stderr)
+    busy = {k: statistics.median(v) for k, v in cores.items()}
+    print(f"baseline  tiktoken encode_ordinary, 1 thread   {b:6.2f} MB/s          "
+          f"{busy['baseline']:.2f} cores busy", file=sys.stderr)
+    print(f"prepare   tokenize+write (streaming stage)     {s:6.2f} MB/s   {s / b:.2f}x", file=sys.stderr)
+    print(f"prepare   whole call (+ checks, vocab load)    {w:6.2f} MB/s   {w / b:.2f}x   "
+          f"{busy['prepare']:.2f} cores busy", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
