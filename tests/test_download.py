@@ -92,6 +92,13 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
 
 
+@pytest.fixture(autouse=True)
+def not_offline(monkeypatch):
+    """test_export and test_neo set HF_HUB_OFFLINE for the whole session (at import, so that
+    transformers never reaches for the network); the downloads tested here must not see it."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
 @pytest.fixture
 def hub(monkeypatch):
     server = Hub()
