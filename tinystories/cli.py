@@ -43,6 +43,13 @@ def _positive_int(text: str) -> int:
 # One function per subcommand: its flags, and the "module:function" that runs it.
 
 
+def _add_sampling(p) -> None:
+    """The sampling flags, with the same defaults wherever stories are written."""
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random")
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=0.95, help="sample from the smallest set of tokens with this much probability")
+
+
 def _add_prepare(sub) -> None:
     p = sub.add_parser(
         "prepare", formatter_class=_Formatter,
@@ -108,9 +115,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its best checkpoint)")
     p.add_argument("--prompt", default="Once upon a time", help='story beginning ("" starts a story from scratch)')
     p.add_argument("--max-new-tokens", type=_positive_int, default=200, help="tokens to add at most")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random")
-    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=0.95, help="sample from the smallest set of tokens with this much probability")
+    _add_sampling(p)
     p.add_argument("--num-samples", type=_positive_int, default=1, help="stories to write in one batch; the first is printed as it is written, the others when all are done")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible stories (default: random)")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
@@ -162,9 +167,7 @@ def _add_quality(sub) -> None:
     p.add_argument("--prompts", default=None,
                    help="file of story beginnings, one per line (default: the packaged set of 60)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=300, help="tokens to add per beginning at most")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random")
-    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=0.95, help="sample from the smallest set of tokens with this much probability")
+    _add_sampling(p)
     p.add_argument("--seed", type=int, default=1337, help="seed of the sampling (same seed and batch size, same stories)")
     p.add_argument("--batch-size", type=_positive_int, default=20, help="beginnings completed at once")
     p.add_argument("--ngram", type=_positive_int, default=8, help="n-gram length (tokens) of the memorization index")
