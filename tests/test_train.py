@@ -1,9 +1,7 @@
 """Training: the schedule, parameter groups, the loop learning, exact resume, signals, DDP, safety."""
 
 import json
-import math
 import os
-import shutil
 import signal
 import subprocess
 import sys

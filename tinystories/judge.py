@@ -191,6 +191,7 @@ class JudgeClient:
                     {"role": "user", "content": USER_PROMPT.format(beginning=beginning, completion=completion)}]
         reasons = []
         unreachable = True  # every attempt so far failed to get any HTTP answer
+        wait = 0.0  # before a retry: what the server asked for, else exponential backoff
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(wait)

@@ -15,7 +15,6 @@ equal weights on CPU in fp32 (tests/test_train.py proves it).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
