@@ -50,6 +50,24 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def cores_available(seconds: float = 1.0) -> float:
+    """Cores this process can use right now: two threads hashing (hashlib drops the GIL)."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = b"x" * (16 << 20)
+
+    def spin(_):
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            hashlib.sha256(data).digest()
+
+    t, c = time.perf_counter(), cpu_seconds()
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(spin, range(2)))
+    return (cpu_seconds() - c) / (time.perf_counter() - t)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--copies", type=int, default=2, help="times the shared stories are repeated in the input")
@@ -84,8 +102,10 @@ def main() -> None:
             assert written == n_tokens + len(stories), "prepare wrote other tokens than tiktoken gives"
 
     b, s, w = (statistics.median(x) for x in (baseline, stage, whole))
+    free = cores_available()
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; "
-          f"Python {platform.python_version()}", file=sys.stderr)
+          f"Python {platform.python_version()}; "
+          f"cores this process could use just after: {free:.2f} of 2", file=sys.stderr)
     print(f"text: {len(stories):,} stories, {text_mb:.1f} MB, {n_tokens:,} GPT-2 tokens; median of {args.repeats}",
           file=sys.stderr)
     busy = {k: statistics.median(v) for k, v in cores.items()}

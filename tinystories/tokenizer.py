@@ -50,7 +50,9 @@ class Tokenizer:
     eot_id: int
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of plain text (special-token strings in `text` are not treated specially)."""
+        """Token ids of text. gpt2 encodes a literal "<|endoftext|>" in `text` as plain text; the
+        trained BPE (HF tokenizers always matches its added tokens) as the end-of-text token.
+        Prepared stories never contain it: the official files are split on it."""
         raise NotImplementedError
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
