@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinystories.config import ModelConfig
+from tinystories.loss import cross_entropy
 
 
 class KVCache:
@@ -220,5 +221,6 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x), None
         logits = self.lm_head(x)  # (B, T, vocab_size)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        # fp32 math in row chunks, never a full fp32 copy of the logits (tinystories/loss.py)
+        loss = cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))  # (B*T, V), (B*T,)
         return logits, loss

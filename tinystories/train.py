@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from tinystories import __version__
+from tinystories.allocator import keep_freed_memory
 from tinystories.checkpoint import (
     load_checkpoint, load_trainer_state, read_checkpoint_config, resolve_checkpoint, save_checkpoint,
 )
@@ -310,6 +311,8 @@ def run(args) -> int:
     master = rank == 0
     dtype = pick_dtype(device, cfg.dtype)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    if device.type == "cpu":
+        keep_freed_memory()  # reuse freed activations instead of mapping them afresh every step
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for what autocast leaves in fp32
         torch.backends.cudnn.allow_tf32 = True
@@ -328,7 +331,7 @@ def run(args) -> int:
     torch.manual_seed(cfg.seed + 1 + rank)  # each rank its own dropout stream
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-        fused=device.type == "cuda",
+        fused=device.type in ("cuda", "cpu"),  # one kernel for all tensors; on CPU ~6x faster than the loop
     )
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_step, best_val_loss = 0, float("inf")
