@@ -159,10 +159,26 @@ def agreement(args) -> None:
         n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         same_prefix.append(n)
     identical = sum(a == b for a, b in zip(ref, fast))
+    # What the rounding costs in quality: the loss of whole real stories (teacher-forced) both ways
+    from tinystories.generate import decoding_copy
+
+    nats = {}
+    for name, dt in (("fp32", torch.float32), ("default", dtype)):
+        net, total, count = decoding_copy(model, dt), 0.0, 0
+        for story in stories:
+            ids = torch.tensor([[tokenizer.eot_id] + tokenizer.encode(story)])[:, : model.config.block_size + 1]  # (1, T + 1)
+            with torch.inference_mode():
+                logits, _ = net(ids[:, :-1])
+            total += torch.nn.functional.cross_entropy(logits[0].float(), ids[0, 1:], reduction="sum").item()
+            count += ids.shape[1] - 1
+        nats[name] = total / count
     print(f"greedy, {len(prompts)} real openings, {args.new_tokens} new tokens, {str(dtype).removeprefix('torch.')} "
           f"weights vs fp32: {identical}/{len(prompts)} stories identical; tokens before the first difference: "
           f"median {median(same_prefix):.0f}, min {min(same_prefix)}; first-token agreement "
           f"{sum(n > 0 for n in same_prefix)}/{len(prompts)}")
+    print(f"loss of the same {len(stories)} whole stories: fp32 weights {nats['fp32']:.4f}, "
+          f"{str(dtype).removeprefix('torch.')} weights {nats['default']:.4f} nats/token "
+          f"(difference {nats['default'] - nats['fp32']:+.4f})")
 
 
 def main() -> None:
