@@ -88,6 +88,19 @@ def test_top_p_always_keeps_the_most_likely_token():
     assert set(sample_next(peaked, top_p=0.01, generator=torch.Generator().manual_seed(0)).tolist()) == {1}
 
 
+def test_top_p_looks_past_the_first_candidates_and_breaks_ties_by_lowest_id():
+    # 150 equally likely tokens at scattered ids, the rest nearly impossible: top_p=0.61 keeps 92
+    # of them (91/150 < 0.61 <= 92/150), more than the sampler's first 64 candidates, and the tie
+    # must go to the 92 lowest ids, whichever ones topk happened to return first
+    V = 2000
+    g = torch.Generator().manual_seed(0)
+    likely = torch.randperm(V, generator=g)[:150]
+    logits = torch.full((V,), -30.0)
+    logits[likely] = 0.0
+    draws = sample_next(logits.expand(3000, V), top_p=0.61, generator=g)
+    assert set(draws.tolist()) == set(sorted(likely.tolist())[:92])
+
+
 def test_tiny_temperature_is_greedy_not_nan():
     logits = torch.randn(16, 40, generator=torch.Generator().manual_seed(0))
     assert torch.equal(sample_next(logits, temperature=1e-30), logits.argmax(-1))

@@ -86,6 +86,10 @@ def sample_next(
     likely tokens, chosen by index so ties at the k-th value cannot let more in. top_p keeps the
     smallest set of most likely tokens whose probability reaches top_p (after top_k), which always
     includes the most likely token. The same `generator` state gives the same tokens.
+
+    Only candidates are sorted and sampled from: the top_k tokens, or for top_p alone the 64 most
+    likely, then 256, ... until every row's nucleus ends inside them. Sorting and drawing over all
+    50,257 GPT-2 tokens took 7 ms a row on our CPU, twice a whole decode step of the `33m` model.
     """
     check_sampling(temperature, top_k, top_p)
     logits = logits.float()
@@ -93,20 +97,44 @@ def sample_next(
         return logits.argmax(dim=-1)
     # Subtract the max before dividing, so a tiny temperature gives -inf, never inf - inf = NaN.
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        _, chosen = torch.topk(logits, top_k, dim=-1)  # (B, k): exactly k indices, ties or not
-        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, chosen, True)
-        logits = logits.masked_fill(~keep, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True, stable=True)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (B, V); exactly 0 for the first
-        keep_sorted = mass_before < top_p  # stop once the kept tokens reach top_p
-        keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)  # back to vocab order
-        logits = logits.masked_fill(~keep, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    if generator is not None and generator.device != probs.device:
+    V = logits.size(-1)
+    cut_k = top_k is not None and top_k < V
+    nucleus = top_p is not None and top_p < 1.0
+    if not cut_k and not nucleus:
+        return _draw(logits.softmax(dim=-1), generator)
+    k = top_k if cut_k else min(V, 64)
+    while True:
+        values, chosen = torch.topk(logits, k, dim=-1)  # (B, k): exactly k tokens, ties or not
+        if cut_k:
+            probs = values.softmax(dim=-1)  # renormalised over the k kept tokens
+        else:
+            probs = (values - logits.logsumexp(dim=-1, keepdim=True)).exp()  # shares of the whole vocabulary
+        if not nucleus:
+            break
+        # most likely first, the lowest id first among equals (topk leaves ties in any order)
+        by_id = chosen.argsort(dim=-1)
+        chosen, probs = chosen.gather(-1, by_id), probs.gather(-1, by_id)
+        probs, order = probs.sort(dim=-1, descending=True, stable=True)
+        chosen = chosen.gather(-1, order)
+        mass_before = probs.cumsum(dim=-1) - probs  # (B, k); exactly 0 for the first
+        keep = mass_before < top_p  # stop once the kept tokens reach top_p
+        if not cut_k and k < V:
+            # the nucleus may go on past the candidates, or end on a value that tokens left out share
+            last_kept = probs.gather(-1, keep.sum(dim=-1, keepdim=True) - 1)  # (B, 1)
+            if bool((keep[:, -1] | (probs[:, -1] == last_kept[:, 0])).any()):
+                k = min(V, 4 * k)
+                continue
+        probs = probs.masked_fill(~keep, 0.0)
+        break
+    return chosen.gather(-1, _draw(probs, generator)[:, None]).squeeze(-1)
+
+
+def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One index per row of `probs` (B, n), in proportion to its (unnormalised) values."""
+    device = probs.device
+    if generator is not None and generator.device != device:
         probs = probs.to(generator.device)  # sample where the generator lives: a seed means one thing
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(device)
 
 
 # -----------------------------------------------------------------------------
