@@ -84,7 +84,8 @@ class CausalSelfAttention(nn.Module):
             q, k, v,
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=attn_mask is None,  # no mask given means: plain causal, no cache, no padding
+            # no mask: plain causal without a cache; with one, a single new token that sees every key
+            is_causal=attn_mask is None and kv_cache is None,
             scale=self.scale,
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, n_head, T, hd) -> (B, T, C)
@@ -187,7 +188,8 @@ class GPT(nn.Module):
             pos = torch.arange(start, start + T, device=idx.device).unsqueeze(0)  # (1, T)
 
         attn_mask = None  # plain causal attention: the fast path SDPA handles itself
-        needs_mask = kv_cache is not None or key_mask is not None
+        # A cache needs a mask unless one new token sees every key (a decode step, no padding).
+        needs_mask = key_mask is not None or (kv_cache is not None and T > 1)
         # Local layers (GPT-Neo) need a band mask once a query is window_size or more tokens past
         # a key; in shorter sequences they see exactly what global layers see.
         banded = "local" in (self.config.attention_layers or ()) and start + T > self.config.window_size
