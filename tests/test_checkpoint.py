@@ -332,6 +332,10 @@ def _damage(folder, how: str) -> None:
         config.write_text(json.dumps(c))
     elif how == "weights random bytes":
         weights.write_bytes(os.urandom(4096))
+    elif how == "weights one byte flipped":  # still a valid safetensors file: only the hash tells
+        data = bytearray(weights.read_bytes())
+        data[-5] ^= 0x40
+        weights.write_bytes(bytes(data))
     elif how == "weights truncated":
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     elif how == "weights missing":
@@ -355,7 +359,7 @@ def _damage(folder, how: str) -> None:
 
 DAMAGES = [
     "config not ours", "config a list", "config truncated", "config binary", "config without model",
-    "config impossible model", "config newer format", "weights random bytes", "weights truncated",
+    "config impossible model", "config newer format", "weights random bytes", "weights one byte flipped", "weights truncated",
     "weights missing", "weights of another model", "tokenizer corrupted", "tokenizer swapped", "empty folder",
 ]
 

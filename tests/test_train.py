@@ -12,9 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli
-from tinystories.config import TrainConfig
+from tinystories.config import TRAIN_PRESETS, ModelConfig, TrainConfig, get_preset
 from tinystories.model import GPT
-from tinystories.config import ModelConfig
 from tinystories.train import lr_at, param_groups, steps_for
 
 # A model small enough that a few dozen steps take a second or two.
@@ -38,6 +37,14 @@ def assert_bitwise_equal(a, b):
 
 # -----------------------------------------------------------------------------
 # Pure pieces
+
+
+def test_33m_defaults_are_the_briefs_recipe():
+    c = TrainConfig(**TRAIN_PRESETS["33m"])
+    assert (c.learning_rate, c.weight_decay, c.beta1, c.beta2) == (1e-4, 0.1, 0.9, 0.95)
+    assert (c.batch_size, c.grad_accum, c.grad_clip, c.warmup_steps) == (32, 32, 0.5, 1000)
+    assert c.max_steps is None and c.dtype == "auto"  # steps from the data; bf16 where supported
+    assert get_preset("33m").dropout == 0.1
 
 
 def test_schedule_edges():
@@ -123,14 +130,14 @@ def _kill_after(cmd, run, step, sig):
     return proc.returncode, out, err
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_exact_resume_is_bitwise_equal(tmp_path, small_data, sig):
     args = [*SMALL, "--max-steps", 16, "--checkpoint-interval", 4, "--dtype", "fp32", "--dropout", 0.1]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     run_cli("train", "--data", small_data, "--out", straight, *args, check=True)
 
     code, out, err = _kill_after(["train", "--data", small_data, "--out", broken, *args], broken, 6, sig)
-    if sig == signal.SIGTERM:
+    if sig != signal.SIGKILL:
         assert code == 0 and "--resume" in out, err  # finishes the step, saves, says how to resume
     else:
         assert code == -signal.SIGKILL
@@ -141,6 +148,41 @@ def test_exact_resume_is_bitwise_equal(tmp_path, small_data, sig):
     assert_bitwise_equal(weights(straight), weights(broken))
     assert [r["loss"] for r in read_log(straight)] == [r["loss"] for r in read_log(broken)]
     assert [r.get("val_loss") for r in read_log(straight)] == [r.get("val_loss") for r in read_log(broken)]
+
+
+def test_a_second_ctrl_c_quits_at_once_and_leaves_a_resumable_run(tmp_path, small_data):
+    run = tmp_path / "run"
+    # steps of a few hundred ms, so the second signal lands while the first is still being honoured
+    args = ["train", "--data", small_data, "--out", run, *SMALL, "--n-layer", 4, "--n-embd", 256, "--n-head", 4,
+            "--batch-size", 16, "--max-steps", 100000, "--checkpoint-interval", 2]
+    proc = subprocess.Popen([sys.executable, "-m", "tinystories", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "checkpoints" / "last").is_dir():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    # Signals of one kind that arrive together are handled once: wait until the first was seen.
+    seen = ""
+    while "send it again" not in seen and time.time() < deadline:
+        seen = proc.stderr.readline()
+    proc.send_signal(signal.SIGINT)
+    err = proc.stderr.read()
+    proc.wait(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    stopped_at = json.loads((run / "checkpoints" / "last" / "config.json").read_text())["step"]
+    r = run_cli("train", "--data", small_data, "--out", run, "--resume", "--max-steps", stopped_at + 1)
+    assert r.returncode == 0, r.stderr
+    assert read_log(run)[-1]["step"] == stopped_at + 1
+
+
+def test_test_split_is_evaluated_beside_val(tmp_path, v1_train_head):
+    data = tmp_path / "data"
+    run_cli("prepare", "--source", v1_train_head, "--test", v1_train_head.with_name("TinyStories-valid.head.txt"),
+            "--tokenizer", "bpe-512", "--max-stories", 300, "--out", data, check=True)
+    run = tmp_path / "run"
+    run_cli("train", "--data", data, "--out", run, *SMALL, "--max-steps", 4, check=True)
+    last = read_log(run)[-1]
+    assert 0 < last["test_loss"] < 10 and 0 < last["val_loss"] < 10 and last["test_loss"] != last["val_loss"]
 
 
 def test_resume_refuses_other_model_or_tokenizer(tmp_path, small_data, v1_train_head):
@@ -198,20 +240,42 @@ def test_toml_config_file(tmp_path, small_data):
     assert config["train"]["batch_size"] == 3  # the flag beats the file
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_train(*args):
+    """`torchrun --nproc_per_node=2 -m tinystories train ARGS` on Gloo, one thread per rank."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "tinystories", "train", *map(str, args)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_match_one_process(tmp_path, small_data):
-    """torchrun with 2 Gloo ranks x accumulation 1 == one process x accumulation 2 (same global batch)."""
+    """torchrun with 2 Gloo ranks x accumulation 1 == one process x accumulation 2 (same global batch),
+    and so after both are resumed (the 2-rank run under torchrun again)."""
     args = [*SMALL, "--max-steps", 3, "--grad-accum", 2, "--dtype", "fp32", "--eval-interval", 3]
     one, two = tmp_path / "one", tmp_path / "two"
     run_cli("train", "--data", small_data, "--out", one, *args, check=True)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                "-m", "tinystories", "train", "--data", str(small_data), "--out", str(two), *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(torchrun, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun_train("--data", small_data, "--out", two, *args)
     a, b = weights(one), weights(two)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
     la, lb = read_log(one), read_log(two)
     assert [x["loss"] for x in la] == pytest.approx([x["loss"] for x in lb], abs=1e-5)
     assert la[-1]["val_loss"] == pytest.approx(lb[-1]["val_loss"], abs=1e-5)
+
+    run_cli("train", "--data", small_data, "--out", one, "--resume", "--max-steps", 5, check=True)
+    torchrun_train("--data", small_data, "--out", two, "--resume", "--max-steps", 5)
+    a, b = weights(one), weights(two)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    la, lb = read_log(one), read_log(two)
+    assert [x["step"] for x in lb] == [1, 2, 3, 4, 5]
+    assert [x["loss"] for x in la] == pytest.approx([x["loss"] for x in lb], abs=1e-5)

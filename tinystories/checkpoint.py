@@ -2,7 +2,8 @@
 
 A checkpoint folder holds
     model.safetensors   weights of the uncompiled model (the tied output layer stored once)
-    config.json         format, model config, tokenizer spec, step, val loss, anything extra
+    config.json         format, model config, sha256 of the weights file, tokenizer spec, step,
+                        val loss, anything extra
     tokenizer files     tokenizer.json (trained BPE) or encoder.json + vocab.bpe (GPT-2)
     trainer_state.pt    optional: optimizer, scaler, RNG states, data position (tensors and
                         primitives only, so `torch.load(weights_only=True)` reads it)
@@ -19,6 +20,7 @@ checkpoint renames the old one to `NAME.old` first and deletes it last, so at ev
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -73,6 +75,7 @@ def save_checkpoint(folder, model: GPT, tokenizer: Tokenizer, *, step: int = 0, 
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": model.config.to_dict(),
+        "weights_sha256": _sha256(tmp / WEIGHTS),
         "tokenizer": tokenizer.spec(),
         "step": step,
         "val_loss": val_loss,
@@ -95,6 +98,15 @@ def save_checkpoint(folder, model: GPT, tokenizer: Tokenizer, *, step: int = 0, 
     if old.exists():
         shutil.rmtree(old)
     return folder
+
+
+def _sha256(file: Path) -> str:
+    """The file's sha256 (about 0.1 s for the 120 MB of the `33m` model)."""
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -159,6 +171,11 @@ def load_checkpoint(path, device="cpu") -> Checkpoint:
         raise UserError(f"{folder}: the tokenizer files do not match the ones the model was trained with")
 
     try:
+        # A flipped bit inside a tensor would load without complaint: check the recorded hash
+        # (absent in checkpoints written by other tools, e.g. by hand).
+        recorded = config.get("weights_sha256")
+        if recorded is not None and _sha256(folder / WEIGHTS) != recorded:
+            raise UserError(f"{folder / WEIGHTS} is truncated or corrupted (its sha256 differs from the one in {CONFIG})")
         weights = load_file(folder / WEIGHTS)
     except FileNotFoundError:
         raise UserError(f"{folder / WEIGHTS} is missing; the checkpoint is incomplete") from None

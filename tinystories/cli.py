@@ -23,6 +23,13 @@ from tinystories.config import PRESETS, ModelConfig, TrainConfig, add_dataclass_
 from tinystories.errors import UserError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line ends with one line (no usage block), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows each flag's default, unless its help already states it (the config-dataclass flags)."""
 
@@ -54,7 +61,13 @@ def _add_prepare(sub) -> None:
     p = sub.add_parser(
         "prepare", formatter_class=_Formatter,
         help="download or read TinyStories text and tokenize it into DATA_DIR",
-        description="Turn TinyStories text into token files (train.bin, val.bin, test.bin, meta.json).",
+        description=(
+            "Turn TinyStories text into token files (train.bin, val.bin, test.bin, meta.json).\n\n"
+            "Inputs are checked before any work: text must be valid UTF-8 (bad bytes are refused with their\n"
+            "offset, never replaced), and a .txt must contain <|endoftext|> separators (one without any is not\n"
+            "the official format, and prepare will not guess where stories end). Every story is stripped,\n"
+            "empty ones are dropped and mojibake such as 'â€™' is repaired; meta.json counts each of these."
+        ),
     )
     p.add_argument("--source", required=True,
                    help="hf (download the official files), a URL, or a local file: .txt in the official format "
@@ -262,7 +275,7 @@ SUBCOMMANDS = [_add_prepare, _add_train, _add_generate, _add_evaluate, _add_qual
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tinystories", formatter_class=_Formatter,
         description="Train, evaluate, sample and export small GPT models on TinyStories.",
     )
