@@ -292,6 +292,29 @@ def test_cli_same_seed_same_stdout(checkpoint_dir):
     assert runs[0].stdout.startswith("Once upon a time") and len(runs[0].stdout) > len("Once upon a time\n")
 
 
+def test_cli_prints_the_story_as_it_is_written(checkpoint_dir, monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        """Remembers what had been printed at each flush, as a terminal would show it."""
+
+        def __init__(self):
+            super().__init__()
+            self.shown = []
+
+        def flush(self):
+            self.shown.append(self.getvalue())
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    args = ["generate", "--checkpoint", str(checkpoint_dir), "--prompt", "Once", "--max-new-tokens", "30",
+            "--temperature", "0", "--seed", "1"]
+    assert main(args) == 0
+    shown = [s for i, s in enumerate(terminal.shown) if i == 0 or s != terminal.shown[i - 1]]
+    assert len(shown) >= 4, shown  # the prompt, then piece after piece, not the story at the end
+    assert shown[0] == "Once" and all(b.startswith(a) for a, b in zip(shown, shown[1:]))
+
+
 def test_cli_num_samples_and_empty_prompt(checkpoint_dir, capsys):
     args = ["generate", "--checkpoint", str(checkpoint_dir), "--max-new-tokens", "10", "--seed", "3"]
     assert main(args + ["--prompt", "The cat", "--num-samples", "3"]) == 0

@@ -78,6 +78,15 @@ def test_type_a_prompt_press_the_button_and_the_story_appears(page, local, tmp_p
     set_range(page, "#max-tokens", "40")
     page.fill("#top-k", "20")
     page.fill("#seed", "5")
+    # record every state of the story as the page shows it, to see it grow token by token
+    page.evaluate("""() => {
+        window.seen = [];
+        new MutationObserver(() => {
+            const g = document.querySelector('#generated');
+            const text = g ? g.textContent : '';
+            if (text && text !== window.seen[window.seen.length - 1]) window.seen.push(text);
+        }).observe(document.querySelector('#story'), {subtree: true, childList: true, characterData: true});
+    }""")
     page.click("#go")
 
     expect(page.locator("#generated")).not_to_be_empty(timeout=30_000)
@@ -86,6 +95,9 @@ def test_type_a_prompt_press_the_button_and_the_story_appears(page, local, tmp_p
     text, finish, n_tokens = local_text(local, prompt, 40, seed=5, temperature=0.7, top_p=0.9, top_k=20)
     # exactly what the library writes with these settings, shown after the prompt
     assert page.locator("#generated").text_content() == text
+    seen = page.evaluate("window.seen")
+    assert len(seen) >= 5 and seen[-1] == text, seen  # shown as it came, not all at once
+    assert all(b.startswith(a) for a, b in zip(seen, seen[1:])), seen
     assert page.locator("#story .prompt").text_content() == prompt
     assert f"{n_tokens} tokens in" in page.locator("#status").text_content()
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tinystories import prepare as P
 from tinystories.cli import main
+from tinystories.errors import UserError
 from tinystories.tokenizer import EOT, Tokenizer, load_gpt2, train_bpe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -448,3 +450,53 @@ def test_temp_folder_of_a_killed_prepare_is_cleaned_up(tmp_path):
     P.prepare(V1_TRAIN, tmp_path / "D", max_stories=20)
     assert not stale.exists() and alive.exists()
     assert (tmp_path / "D" / "meta.json").is_file()
+
+
+def test_prepare_killed_while_writing_tokens_leaves_nothing_that_looks_complete(tmp_path):
+    """kill -9 in the middle of writing the token files: no DATA_DIR, and the next run completes."""
+    import signal
+    import time
+
+    out = tmp_path / "D"
+    args = ["--source", str(V1_TRAIN.parent), "--tokenizer", "bpe-1024", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "tinystories", "prepare", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, writing = time.time() + 300, False
+    while time.time() < deadline and proc.poll() is None and not writing:
+        writing = any(p.stat().st_size > 0 for p in tmp_path.glob(".D.prepare-*/*.bin"))
+        time.sleep(0.005)
+    if not writing:
+        proc.kill()
+        pytest.fail("prepare ended (or hung) before it wrote any tokens: nothing was interrupted")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not out.exists()  # the half-written files are only in the temporary folder
+    assert list(tmp_path.glob(".D.prepare-*"))
+
+    r = subprocess.run([sys.executable, "-m", "tinystories", "prepare", *args], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (out / "meta.json").is_file() and not list(tmp_path.glob(".D.prepare-*"))  # the dead run's folder is gone
+
+
+def test_epoch_windows_restore_their_position_exactly_across_epochs():
+    from tinystories.data import EpochWindows
+
+    tokens = np.arange(1000, dtype=np.uint16)
+    a = EpochWindows(tokens, 16, 5, seed=3)
+    per_epoch = a.windows_per_epoch()
+    for _ in range(per_epoch // 5 + 2):  # into the second epoch, so the epoch counter is saved too
+        a.next_batch()
+    state = a.state_dict()
+    assert state["epoch"] == 1
+    b = EpochWindows(tokens, 16, 5, seed=3)
+    b.load_state_dict(state)
+    for _ in range(per_epoch):  # on through the next epoch boundary
+        (xa, ya), (xb, yb) = a.next_batch(), b.next_batch()
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        assert torch.equal(xa[:, 1:], ya[:, :-1])  # targets are the inputs shifted by one
+    with pytest.raises(UserError, match="--seed 3"):
+        EpochWindows(tokens, 16, 5, seed=4).load_state_dict(state)
+    # every window of an epoch is used once: the epoch's starts are distinct and block-aligned after an offset
+    starts = EpochWindows(tokens, 16, 5, seed=3)._epoch_order()
+    assert len(set(starts.tolist())) == per_epoch and len({s % 16 for s in starts.tolist()}) == 1
