@@ -8,6 +8,10 @@ as one official-format .txt. In the same run, alternating, it times
   prepare   `tinystories.prepare.prepare` on the file (gpt2, no test split): its streaming stage
             (read, clean, tokenize on all cores, write train.bin/val.bin), and the whole call
             (also hashing/validating the file and loading the vocabulary).
+--memory instead runs the `tinystories prepare` command (a fresh process each time) on inputs of
+--memory-copies sizes (the same stories repeated) and prints each one's peak resident memory: flat
+memory over a growing input is what "streaming, memory bounded whatever the input size" means.
+
 Throughput is MB of story text (UTF-8) per second; the median of the repeats is reported, with
 the cores each side kept busy (CPU time / wall time). The machine may be shared: with other work
 running, the kernel's per-session fair share caps both sides alike, so the ratio tends to 1 however
@@ -68,16 +72,53 @@ def cores_available(seconds: float = 1.0) -> float:
     return (cpu_seconds() - c) / (time.perf_counter() - t)
 
 
+def shared_stories() -> list[str]:
+    stories = []
+    for path in sorted((SHARED / "tinystories").glob("*.txt")):
+        stories += [s.strip() for s in path.read_text(encoding="utf-8").split(EOT)[:-1]]
+    return [s for s in stories if s]
+
+
+def peak_memory(copies: list[int], tokenizer: str) -> None:
+    """Peak RSS of `tinystories prepare` on the shared stories repeated `copies` times."""
+    import subprocess
+
+    text = "".join(f"{s}\n{EOT}\n" for s in shared_stories())
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores; Python {platform.python_version()}; "
+          f"tinystories prepare --tokenizer {tokenizer} --test none, one fresh process per size", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in copies:
+            src = Path(tmp) / f"stories-x{n}.txt"
+            with open(src, "w", encoding="utf-8") as f:
+                for _ in range(n):
+                    f.write(text)
+            cmd = [sys.executable, "-m", "tinystories", "prepare", "--source", str(src), "--tokenizer", tokenizer,
+                   "--gpt2-vocab", str(SHARED / "gpt2"), "--test", "none", "--out", str(Path(tmp) / "out"), "--force"]
+            t = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the largest of all children
+            seconds = time.perf_counter() - t
+            err = proc.stderr.read()
+            if status != 0:
+                raise SystemExit(f"prepare failed on x{n}:\n{err}")
+            size = src.stat().st_size / 1e6
+            print(f"input {size:8.1f} MB   peak RSS {usage.ru_maxrss / 1024:7.1f} MB   {seconds:6.1f} s", file=sys.stderr)
+            src.unlink()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--copies", type=int, default=2, help="times the shared stories are repeated in the input")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each side (median reported)")
+    ap.add_argument("--memory", action="store_true", help="measure peak memory over growing inputs instead")
+    ap.add_argument("--memory-copies", default="1,4,16", help="input sizes for --memory, in copies of the stories")
+    ap.add_argument("--tokenizer", default="gpt2", help="tokenizer for --memory (gpt2 or bpe-N)")
     args = ap.parse_args()
+    if args.memory:
+        peak_memory([int(n) for n in args.memory_copies.split(",")], args.tokenizer)
+        return
 
-    stories = []
-    for path in sorted((SHARED / "tinystories").glob("*.txt")):
-        stories += [s.strip() for s in path.read_text(encoding="utf-8").split(EOT)[:-1]]
-    stories = [s for s in stories if s] * args.copies
+    stories = shared_stories() * args.copies
     text_mb = sum(len(s.encode("utf-8")) for s in stories) / 1e6
     tok = load_gpt2(SHARED / "gpt2")
     enc = tok._enc  # the tiktoken Encoding itself: the baseline is plain tiktoken

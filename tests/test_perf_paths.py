@@ -154,11 +154,27 @@ def test_packed_linear_equals_f_linear():
     assert torch.allclose(out, expected, atol=1e-2, rtol=1e-2)
 
 
+def test_packed_mlp_equals_the_mlp():
+    from tinystories.generate import PackedMLP
+    from tinystories.model import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(ModelConfig(n_layer=1, n_head=2, n_embd=48, block_size=8, vocab_size=10, dropout=0.0)).eval()
+    x = torch.randn(3, 5, 48)
+    with torch.no_grad():
+        assert torch.allclose(PackedMLP(mlp, torch.float32)(x), mlp(x), atol=1e-5, rtol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16: what autocast computes
+            expected = mlp(x).float()
+        got = PackedMLP(mlp, torch.bfloat16)(x)
+    assert got.dtype == torch.float32 and torch.allclose(got, expected, atol=2e-2, rtol=2e-2)
+
+
 def test_decoding_copy_packs_a_copy_and_leaves_the_model_alone():
     model = random_model()
     fast = decoding_copy(model, torch.bfloat16)
     assert fast is not model
     assert isinstance(fast.lm_head, PackedLinear) and isinstance(fast.transformer.h[0].attn.c_attn, PackedLinear)
+    assert type(fast.transformer.h[0].mlp).__name__ == "PackedMLP"
     assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight is model.transformer.wte.weight
     assert model.transformer.wte.weight.dtype == torch.float32
     assert fast.transformer.wte.weight.dtype == torch.float32  # activations and KV cache stay fp32

@@ -325,7 +325,7 @@ def pack_linears(model: nn.Module, dtype: torch.dtype) -> bool:
         probes = [(linears[0][2], packed[0])] + ([(mlps[0][2], fused[0])] if mlps else [])
         for reference, new in probes:
             width = new.in_features if isinstance(new, PackedLinear) else new.c_fc.in_features
-            x = torch.randn(2, width, generator=torch.Generator().manual_seed(0))
+            x = torch.randn(2, width, generator=torch.Generator().manual_seed(0)).to(next(reference.parameters()).dtype)
             with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                 expected = reference(x).float()  # what autocast computes, or plain fp32
             got = new(x)
