@@ -87,8 +87,9 @@ def sample_next(
     includes the most likely token. The same `generator` state gives the same tokens.
 
     Only candidates are sorted and sampled from: the top_k tokens, or for top_p alone the 64 most
-    likely, then 256, ... until every row's nucleus ends inside them. Sorting and drawing over all
-    50,257 GPT-2 tokens took 7 ms a row on our CPU, twice a whole decode step of the `33m` model.
+    likely, then 256, ... until every row's nucleus ends inside them. Sorting all 50,257 GPT-2
+    tokens took 7.6 ms a call on our CPU (more than a whole decode step of the `33m` model); a
+    peaked distribution's shortlist, 0.6 ms (BENCHMARKS.md).
     """
     check_sampling(temperature, top_k, top_p)
     logits = logits.float()
