@@ -94,13 +94,14 @@ def peak_memory(copies: list[int], tokenizer: str) -> None:
                     f.write(text)
             cmd = [sys.executable, "-m", "tinystories", "prepare", "--source", str(src), "--tokenizer", tokenizer,
                    "--gpt2-vocab", str(SHARED / "gpt2"), "--test", "none", "--out", str(Path(tmp) / "out"), "--force"]
+            log = Path(tmp) / "prepare.log"  # a file, not a pipe: nobody reads a pipe while we wait
             t = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the largest of all children
+            with open(log, "w") as err:
+                proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
+                _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the largest of all children
             seconds = time.perf_counter() - t
-            err = proc.stderr.read()
             if status != 0:
-                raise SystemExit(f"prepare failed on x{n}:\n{err}")
+                raise SystemExit(f"prepare failed on x{n}:\n{log.read_text()}")
             size = src.stat().st_size / 1e6
             print(f"input {size:8.1f} MB   peak RSS {usage.ru_maxrss / 1024:7.1f} MB   {seconds:6.1f} s", file=sys.stderr)
             src.unlink()

@@ -207,7 +207,7 @@ def _crash_at(point: str, monkeypatch):
     import safetensors.torch
 
     if point == "weights":  # while the temporary folder is being written
-        monkeypatch.setattr(safetensors.torch, "save_file", _crash)
+        monkeypatch.setattr(safetensors.torch, "save", _crash)
     elif point == "trainer_state":
         monkeypatch.setattr(torch, "save", _crash)
     elif point.startswith("rename"):  # rename1: NAME -> NAME.old; rename2: tmp -> NAME

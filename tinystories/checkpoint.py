@@ -57,7 +57,7 @@ class Checkpoint:
 def save_checkpoint(folder, model: GPT, tokenizer: Tokenizer, *, step: int = 0, val_loss: float | None = None,
                     trainer_state: dict | None = None, extra: dict | None = None) -> Path:
     """Write a complete checkpoint folder atomically (see the module docstring)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -69,13 +69,14 @@ def save_checkpoint(folder, model: GPT, tokenizer: Tokenizer, *, step: int = 0, 
     model = getattr(model, "_orig_mod", model)  # never save a torch.compile wrapper's key names
     model = getattr(model, "module", model)  # nor DDP's
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k != TIED}
-    save_file(weights, tmp / WEIGHTS, metadata={"format": FORMAT})
+    data = save(weights, metadata={"format": FORMAT})
+    (tmp / WEIGHTS).write_bytes(data)
     tokenizer.save(tmp)
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": model.config.to_dict(),
-        "weights_sha256": _sha256(tmp / WEIGHTS),
+        "weights_sha256": hashlib.sha256(data).hexdigest(),
         "tokenizer": tokenizer.spec(),
         "step": step,
         "val_loss": val_loss,
@@ -98,15 +99,6 @@ def save_checkpoint(folder, model: GPT, tokenizer: Tokenizer, *, step: int = 0, 
     if old.exists():
         shutil.rmtree(old)
     return folder
-
-
-def _sha256(file: Path) -> str:
-    """The file's sha256 (about 0.1 s for the 120 MB of the `33m` model)."""
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -161,7 +153,7 @@ def read_checkpoint_config(path) -> dict:
 def load_checkpoint(path, device="cpu") -> Checkpoint:
     """Load model (eval mode, on `device`) and tokenizer from a checkpoint or run folder."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     folder = resolve_checkpoint(path)
     config = read_checkpoint_config(folder)
@@ -171,12 +163,13 @@ def load_checkpoint(path, device="cpu") -> Checkpoint:
         raise UserError(f"{folder}: the tokenizer files do not match the ones the model was trained with")
 
     try:
+        data = (folder / WEIGHTS).read_bytes()  # read once: hashed, then parsed
         # A flipped bit inside a tensor would load without complaint: check the recorded hash
         # (absent in checkpoints written by other tools, e.g. by hand).
         recorded = config.get("weights_sha256")
-        if recorded is not None and _sha256(folder / WEIGHTS) != recorded:
+        if recorded is not None and hashlib.sha256(data).hexdigest() != recorded:
             raise UserError(f"{folder / WEIGHTS} is truncated or corrupted (its sha256 differs from the one in {CONFIG})")
-        weights = load_file(folder / WEIGHTS)
+        weights = load(data)
     except FileNotFoundError:
         raise UserError(f"{folder / WEIGHTS} is missing; the checkpoint is incomplete") from None
     except (SafetensorError, OSError, ValueError) as e:
