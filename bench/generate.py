@@ -64,7 +64,8 @@ def setup_side(side: str, checkpoint: str | None, new_tokens: int):
     batch = int(side.rsplit("-b", 1)[1])
 
     if side.startswith("ours"):
-        from tinystories.generate import decode_dtype, generate
+        from tinystories.decoding import decode_dtype
+        from tinystories.generate import generate
 
         dtype = torch.float32 if "fp32" in side else decode_dtype(torch.device("cpu"), "auto")
 
@@ -142,7 +143,8 @@ def agreement(args) -> None:
     """Greedy stories with fp32 weights against the default weights, from real story openings."""
     import torch
 
-    from tinystories.generate import decode_dtype, generate
+    from tinystories.decoding import decode_dtype
+    from tinystories.generate import generate
 
     model, tokenizer = load_model(args.checkpoint)
     dtype = decode_dtype(torch.device("cpu"), "auto")
@@ -160,7 +162,7 @@ def agreement(args) -> None:
         same_prefix.append(n)
     identical = sum(a == b for a, b in zip(ref, fast))
     # What the rounding costs in quality: the loss of whole real stories (teacher-forced) both ways
-    from tinystories.generate import decoding_copy
+    from tinystories.decoding import decoding_copy
 
     nats = {}
     for name, dt in (("fp32", torch.float32), ("default", dtype)):

@@ -13,7 +13,8 @@ import tinystories.loss
 from tinystories.config import ModelConfig
 from tinystories.device import cpu_supports_bf16
 from tinystories.errors import UserError
-from tinystories.generate import PackedLinear, decode_dtype, decoding_copy, generate, pack_linears
+from tinystories.decoding import PackedLinear, decode_dtype, decoding_copy, pack_linears
+from tinystories.generate import generate
 from tinystories.loss import cross_entropy
 from tinystories.model import GPT
 
@@ -155,7 +156,7 @@ def test_packed_linear_equals_f_linear():
 
 
 def test_packed_mlp_equals_the_mlp():
-    from tinystories.generate import PackedMLP
+    from tinystories.decoding import PackedMLP
     from tinystories.model import MLP
 
     torch.manual_seed(0)
@@ -229,3 +230,111 @@ def test_decode_dtype():
     assert decode_dtype(cpu, "auto") == (torch.bfloat16 if cpu_supports_bf16() else None)
     with pytest.raises(UserError, match="unknown dtype"):
         decode_dtype(cpu, "fp8")
+
+
+# -----------------------------------------------------------------------------
+# The flat decode step, and 2 MB pages under the packed weights
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["plain", "padded", "gpt-neo"])
+def test_flat_decode_step_equals_the_models_forward(dtype, case):
+    from tinystories.decoding import DecodeStep
+
+    kw = {}
+    if case == "gpt-neo":  # a local layer whose window (5) the cache outgrows, no attention scaling
+        kw = dict(attention_layers=("global", "local"), window_size=5, scale_attention=False, qkv_bias=False)
+    fast = decoding_copy(random_model(**kw), dtype)
+    step = DecodeStep.of(fast)
+    assert step is not None
+    g = torch.Generator().manual_seed(1)
+    B, T = 3, 9
+    idx = torch.randint(0, 512, (B, T), generator=g)
+    pos = torch.arange(T).repeat(B, 1)
+    key_mask = None
+    if case == "padded":  # rows 1 and 2 start 2 and 5 tokens late (left padding, as a batch of prompts)
+        pad = torch.tensor([0, 2, 5])
+        pos = (pos - pad[:, None]).clamp(min=0)
+        key_mask = torch.arange(T + 4)[None, :] >= pad[:, None]  # (B, T + 4): room for 4 steps
+    with torch.inference_mode():
+        ours, theirs = fast.new_kv_cache(B, T + 4), fast.new_kv_cache(B, T + 4)
+        for cache in (ours, theirs):
+            fast(idx, kv_cache=cache, pos=pos, key_mask=None if key_mask is None else key_mask[:, :T])
+        for i in range(4):  # four one-token steps, each appending to both caches
+            new = torch.randint(0, 512, (B,), generator=g)
+            at = pos[:, -1] + 1 + i
+            mask = None if key_mask is None else key_mask[:, : T + i + 1]
+            expected, _ = fast(new[:, None], kv_cache=theirs, pos=at[:, None], key_mask=mask)
+            got = step(new, at, ours, mask)
+            assert got.dtype == torch.float32 and got.shape == (B, 512)
+            if case == "gpt-neo":  # the band is a slice here, a mask there: summation order may differ
+                assert torch.allclose(got, expected[:, -1], atol=1e-5, rtol=1e-5)
+            else:
+                assert torch.equal(got, expected[:, -1])
+            assert ours.length == theirs.length == T + i + 1
+        assert torch.allclose(ours.k, theirs.k, atol=1e-6) and torch.allclose(ours.v, theirs.v, atol=1e-6)
+
+
+def test_the_flat_step_is_what_generate_runs():
+    from tinystories.generate import _CachedDecoder
+
+    fast = decoding_copy(random_model(), torch.bfloat16)
+    assert _CachedDecoder(fast, 2, 16).step is not None
+    assert _CachedDecoder(random_model(), 2, 16).step is None  # not packed: the module path
+
+
+def test_new_memory_ranges_are_cut_to_huge_page_boundaries():
+    from tinystories.hugepages import HUGE_PAGE, anonymous_ranges, new_ranges
+
+    M = HUGE_PAGE
+    maps = (f"{0:x}-{M:x} r-xp 00000000 08:01 1234 /usr/bin/python3\n"
+            f"{M:x}-{9 * M:x} rw-p 00000000 00:00 0 [heap]\n"
+            f"{10 * M:x}-{11 * M:x} rw-p 00000000 00:00 0\n"
+            f"{12 * M:x}-{13 * M:x} rw-s 00000000 00:05 77 /dev/shm/x\n"
+            f"{14 * M:x}-{15 * M:x} r--p 00000000 00:00 0\n")
+    assert anonymous_ranges(maps) == [(M, 9 * M), (10 * M, 11 * M)]  # code, shared and read-only left out
+    before = [(M, 3 * M)]
+    # the heap grew from 3M to 9M + 4096, a new map appeared at 10M; only their 2 MB-aligned news count
+    after = [(M, 9 * M + 4096), (10 * M + 4096, 13 * M)]
+    assert new_ranges(before, after) == [(3 * M, 9 * M), (11 * M, 13 * M)]
+    assert new_ranges(after, after) == []
+    assert new_ranges([(4 * M, 5 * M)], [(M, 9 * M)]) == [(M, 4 * M), (5 * M, 9 * M)]  # an old range inside
+
+
+def _thp_setting() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "absent"
+    return text.split("[")[1].split("]")[0]
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or _thp_setting() in ("never", "absent")
+                    or tuple(map(int, platform.release().split(".")[:2])) < (6, 1),
+                    reason="2 MB pages on request need Linux 6.1+ with transparent huge pages not 'never'")
+def test_memory_made_in_the_block_lands_on_huge_pages():
+    import ctypes
+    import mmap
+
+    from tinystories.hugepages import new_memory_on_huge_pages
+
+    size = 24 * 2**20
+    with new_memory_on_huge_pages() as moved:
+        # a fresh anonymous mapping, written through (a tensor might reuse memory freed earlier)
+        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        mm.write(b"\x01" * size)
+    assert moved.bytes >= 16 * 2**20
+    middle = ctypes.addressof(ctypes.c_char.from_buffer(mm)) + size // 2  # the ends may lie outside
+    huge_kb = 0                                                          # the 2 MB-aligned part
+    with open("/proc/self/smaps") as f:  # the AnonHugePages of the mapping that holds the middle
+        inside = False
+        for line in f:
+            first = line.split()[0]
+            if "-" in first and not first.endswith(":"):
+                lo, hi = (int(x, 16) for x in first.split("-"))
+                inside = lo <= middle < hi
+            elif inside and line.startswith("AnonHugePages:"):
+                huge_kb = int(line.split()[1])
+    assert huge_kb >= 16 * 1024
+    mm.seek(0)
+    assert mm.read(size) == b"\x01" * size  # the contents moved with the pages

@@ -27,30 +27,23 @@ command's batch (one prompt, N samples) jumps all at once. window_keep=block_siz
 (at the price of a prefill per step once the context is full); a smaller window_keep trades
 context right after a jump for speed. A prompt longer than block_size is cut the same way.
 
-Speed (bench/generate.py). At batch 1 a decode step reads every weight once for one token, so it is
-bound by memory and by how well the matmul kernel streams a weight. The cached path therefore runs
-a decoding copy of the model (`decoding_copy`). On the CPU its Linear weights are reordered once into
-oneDNN's blocked layout (what torch.compile's freezing pass does), which alone halves the time of a
-batch-1 matmul, and cast to `dtype`: the command picks bf16 on CPUs that multiply bf16 natively
-(half the bytes to read), with inputs cast to bf16 and outputs back to fp32 around each matmul as
-under autocast, so LayerNorm, attention and the KV cache stay fp32 (PyTorch's bf16 attention kernels
-are several times slower at one query per row on the CPU). The copy is cached per model and made
-again when a weight changes. The oracle always runs the model as it is.
+Speed: the cached path decodes with a copy of the model laid out for one-token steps (on the CPU,
+matmul weights in oneDNN's blocked layout, bf16 where the CPU multiplies bf16 natively) and runs its
+decode steps as a flat list of operations; `tinystories/decoding.py` says why and what each is worth.
+The oracle always runs the model as it is.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import secrets
 import sys
-import weakref
 from typing import Iterator
 
 import torch
-import torch.nn as nn
 from torch import Tensor
 
+from tinystories.decoding import DecodeStep, decode_dtype, decoding_copy
 from tinystories.errors import UserError
 
 # Prefill computes logits at every position; process long prompts in chunks so that those logits
@@ -243,146 +236,12 @@ def _full_forward_logits(model, contexts: list[list[int]], starts: list[int]) ->
     return torch.stack(rows)  # (B, V)
 
 
-# -----------------------------------------------------------------------------
-# The decoding copy: the model's weights laid out for one-token steps
-
-
-def decode_dtype(device: torch.device, name: str = "auto") -> torch.dtype | None:
-    """The weight dtype for decoding: fp32, bf16, or auto = bf16 where the hardware multiplies it
-    natively (CPUs with AVX-512 BF16 or AMX, CUDA GPUs from Ampere on), else the model's own (None)."""
-    if name == "fp32":
-        return torch.float32
-    if name == "bf16":
-        return torch.bfloat16
-    if name != "auto":
-        raise UserError(f"unknown dtype {name!r}; use auto, bf16 or fp32")
-    from tinystories.device import cpu_supports_bf16
-
-    if device.type == "cpu" and cpu_supports_bf16():
-        return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
-class PackedLinear(nn.Module):
-    """An nn.Linear for inference whose weight, cast to `dtype`, was reordered once into oneDNN's
-    blocked layout (what torch.compile's freezing pass does, without the compile time).
-
-    Inputs are cast to `dtype` and outputs back, as autocast does: with dtype bf16 the matmuls read
-    half the bytes while everything between them (LayerNorm, attention, the KV cache) stays fp32.
-    At fp32 the result equals F.linear's up to the order of summation.
-
-    `gelu=True` applies the tanh GELU inside the matmul (a oneDNN post-op, on the fp32 accumulator)
-    and returns the result in `dtype`, to be fed straight to the next PackedLinear (see PackedMLP).
-    """
-
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype, gelu: bool = False):
-        super().__init__()
-        self.in_features, self.out_features, self.dtype = linear.in_features, linear.out_features, dtype
-        # batch_size=1: the layout for one-token steps, which also served batch 16 best (measured)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(dtype), 1)
-        self.bias = None if linear.bias is None else linear.bias.detach().to(dtype)
-        self.gelu = gelu
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.gelu:
-            return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, self.bias, "gelu", [], "tanh")
-        y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, self.bias, "none", [], "")
-        return y.to(x.dtype)
-
-
-class PackedMLP(nn.Module):
-    """A block's MLP in a decoding copy: GELU fused into c_fc, whose output goes to c_proj in the
-    weights' dtype (as under autocast) instead of a round trip through fp32; dropout is off in eval.
-    Two fewer ops and two fewer casts per block on every decode step."""
-
-    def __init__(self, mlp: nn.Module, dtype: torch.dtype):
-        super().__init__()
-        self.c_fc = PackedLinear(mlp.c_fc, dtype, gelu=True)
-        self.c_proj = PackedLinear(mlp.c_proj, dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.c_proj(self.c_fc(x)).to(x.dtype)
-
-
-def pack_linears(model: nn.Module, dtype: torch.dtype) -> bool:
-    """Swap every block's MLP of a CPU `model` for a PackedMLP and every other nn.Linear for a
-    PackedLinear, in place; False (and nothing swapped) where this PyTorch build cannot, or its
-    results are not F.linear's and F.gelu's."""
-    from tinystories.model import MLP
-
-    mlps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-            if isinstance(child, MLP)]
-    in_mlps = {id(m) for _, _, mlp in mlps for m in mlp.modules()}
-    linears = [(parent, name, child) for parent in model.modules() if id(parent) not in in_mlps
-               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
-    if not linears or linears[0][2].weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    try:  # private ops (the ones inductor uses): check them on this build before relying on them
-        packed = [PackedLinear(linear, dtype) for _, _, linear in linears]
-        fused = [PackedMLP(mlp, dtype) for _, _, mlp in mlps]
-        probes = [(linears[0][2], packed[0])] + ([(mlps[0][2], fused[0])] if mlps else [])
-        for reference, new in probes:
-            width = new.in_features if isinstance(new, PackedLinear) else new.c_fc.in_features
-            x = torch.randn(2, width, generator=torch.Generator().manual_seed(0)).to(next(reference.parameters()).dtype)
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                expected = reference(x).float()  # what autocast computes, or plain fp32
-            got = new(x)
-            tolerance = 2e-2 * expected.abs().max().item()
-            if got.dtype != x.dtype or not torch.allclose(got.float(), expected, rtol=2e-2, atol=tolerance):
-                return False
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
-    for (parent, name, _), new in zip(linears + mlps, packed + fused):
-        setattr(parent, name, new)  # a tied lm_head gets its own packed copy; wte stays the embedding
-    return True
-
-
-def _version(t: Tensor) -> int:
-    """How often `t` was changed in place; inference tensors (made under inference_mode) keep no count."""
-    try:
-        return t._version
-    except RuntimeError:
-        return -1
-
-
-# model -> (what it was made from, the copy); weak, so a model's copy goes when the model does
-_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def decoding_copy(model, dtype: torch.dtype | None = None):
-    """The model as the cached decoder runs it, with matmul weights in `dtype` (None: the model's).
-
-    On the CPU: a copy whose Linear layers are PackedLinear in `dtype` and everything else as in
-    the model (bf16 attention kernels are slow at one query per row, and fp32 keeps the KV cache
-    exact). Elsewhere: the model itself, or a copy cast to `dtype`. Made once per model and dtype,
-    and again whenever a weight of `model` changed since (its version counter tells).
-    """
-    weight = model.transformer.wte.weight
-    dtype = dtype or weight.dtype
-    if weight.device.type != "cpu" and dtype == weight.dtype:
-        return model
-    made_from = (dtype, tuple((p.data_ptr(), _version(p)) for p in model.parameters()))
-    cached = _COPIES.get(model)
-    if cached is not None and cached[0] == made_from:
-        return cached[1]
-    _COPIES.pop(model, None)  # free the stale copy before making the next
-    with torch.no_grad():
-        fast = copy.deepcopy(model).eval().requires_grad_(False)
-        if not pack_linears(fast, dtype):
-            if dtype == weight.dtype:
-                return model  # nothing to gain from a copy (and the cache must not hold the model)
-            fast = fast.to(dtype)
-    _COPIES[model] = (made_from, fast)
-    return fast
-
-
 class _CachedDecoder:
     """A preallocated KV cache over a left-padded batch: `prefill` the windows, then `decode`."""
 
     def __init__(self, model, batch_size: int, max_len: int):
         self.model = model
+        self.step = DecodeStep.of(model)  # the flat one-token step, where the copy is packed
         self.device = model.transformer.wte.weight.device
         self.cache = model.new_kv_cache(batch_size=batch_size, max_len=max_len)
         self.key_mask: Tensor | None = None  # (B, max_len), False on padding; None when no row is padded
@@ -407,10 +266,12 @@ class _CachedDecoder:
 
     def decode(self, tokens: list[int], positions: list[int]) -> Tensor:
         """Append one token per row at the given positions; logits (B, V) after it."""
-        idx = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
+        idx = torch.tensor(tokens, dtype=torch.long, device=self.device)  # (B,)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)  # (B,)
         key_mask = None if self.key_mask is None else self.key_mask[:, : self.cache.length + 1]
-        logits, _ = self.model(idx, kv_cache=self.cache, pos=pos, key_mask=key_mask)
+        if self.step is not None:
+            return self.step(idx, pos, self.cache, key_mask)
+        logits, _ = self.model(idx[:, None], kv_cache=self.cache, pos=pos[:, None], key_mask=key_mask)
         return logits[:, -1]
 
 

@@ -1,0 +1,242 @@
+"""The model laid out for one-token decoding steps on the CPU: the decoding copy and its step.
+
+    fast = decoding_copy(model, torch.bfloat16)     # packed bf16 matmul weights; cached per model
+    step = DecodeStep.of(fast)                       # None where the copy could not be packed
+    logits = step(idx, pos, cache, key_mask)         # (B,) new tokens at (B,) positions -> (B, V)
+
+Why (bench/generate.py, BENCHMARKS.md). At batch 1 a decode step reads every weight once for one
+token, so it is bound by memory and by how well the matmul kernel streams a weight. The cached path
+of `tinystories.generate` therefore runs a decoding copy of the model (`decoding_copy`). On the CPU
+its Linear weights are reordered once into oneDNN's blocked layout (what torch.compile's freezing
+pass does), which alone halves the time of a batch-1 matmul, and cast to `dtype`: the command picks
+bf16 on CPUs that multiply bf16 natively (half the bytes to read), with inputs cast to bf16 and
+outputs back to fp32 around each matmul as under autocast, so LayerNorm, attention and the KV cache
+stay fp32 (PyTorch's bf16 attention kernels are several times slower at one query per row on the
+CPU). The copy is cached per model and made again when a weight changes.
+
+A one-token step of that copy then runs through `DecodeStep`: the same arithmetic as the model's
+forward pass (bit for bit, tests/test_perf_paths.py), written as a flat list of tensor operations.
+Going through the module tree costs a decode step about 35 operator calls and several Python calls
+per block (views, transposes, casts, mask bookkeeping, nn.Module dispatch); the flat step makes
+about 15 per block. A `33m` step on our 2-core CPU, alternating both ways 15 times in one process:
+5.04 -> 4.34 ms at batch 1 (1.15x), 9.82 -> 8.95 ms at batch 16 (1.11x). The packed weights are also
+moved onto 2 MB pages as they are made (`tinystories/hugepages.py`; 1.08x at batch 1).
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from tinystories.errors import UserError
+from tinystories.hugepages import new_memory_on_huge_pages
+
+
+# -----------------------------------------------------------------------------
+# The decoding copy: the model's weights laid out for one-token steps
+
+
+def decode_dtype(device: torch.device, name: str = "auto") -> torch.dtype | None:
+    """The weight dtype for decoding: fp32, bf16, or auto = bf16 where the hardware multiplies it
+    natively (CPUs with AVX-512 BF16 or AMX, CUDA GPUs from Ampere on), else the model's own (None)."""
+    if name == "fp32":
+        return torch.float32
+    if name == "bf16":
+        return torch.bfloat16
+    if name != "auto":
+        raise UserError(f"unknown dtype {name!r}; use auto, bf16 or fp32")
+    from tinystories.device import cpu_supports_bf16
+
+    if device.type == "cpu" and cpu_supports_bf16():
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+class PackedLinear(nn.Module):
+    """An nn.Linear for inference whose weight, cast to `dtype`, was reordered once into oneDNN's
+    blocked layout (what torch.compile's freezing pass does, without the compile time).
+
+    Inputs are cast to `dtype` and outputs back, as autocast does: with dtype bf16 the matmuls read
+    half the bytes while everything between them (LayerNorm, attention, the KV cache) stays fp32.
+    At fp32 the result equals F.linear's up to the order of summation.
+
+    `gelu=True` applies the tanh GELU inside the matmul (a oneDNN post-op, on the fp32 accumulator)
+    and returns the result in `dtype`, to be fed straight to the next PackedLinear (see PackedMLP).
+    """
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype, gelu: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.dtype = linear.in_features, linear.out_features, dtype
+        # batch_size=1: the layout for one-token steps, which also served batch 16 best (measured)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(dtype), 1)
+        self.bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+        self.gelu = gelu
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gelu:
+            return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, self.bias, "gelu", [], "tanh")
+        y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, self.bias, "none", [], "")
+        return y.to(x.dtype)
+
+
+class PackedMLP(nn.Module):
+    """A block's MLP in a decoding copy: GELU fused into c_fc, whose output goes to c_proj in the
+    weights' dtype (as under autocast) instead of a round trip through fp32; dropout is off in eval.
+    Two fewer ops and two fewer casts per block on every decode step."""
+
+    def __init__(self, mlp: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.c_fc = PackedLinear(mlp.c_fc, dtype, gelu=True)
+        self.c_proj = PackedLinear(mlp.c_proj, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(self.c_fc(x)).to(x.dtype)
+
+
+def pack_linears(model: nn.Module, dtype: torch.dtype) -> bool:
+    """Swap every block's MLP of a CPU `model` for a PackedMLP and every other nn.Linear for a
+    PackedLinear, in place; False (and nothing swapped) where this PyTorch build cannot, or its
+    results are not F.linear's and F.gelu's."""
+    from tinystories.model import MLP
+
+    mlps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+            if isinstance(child, MLP)]
+    in_mlps = {id(m) for _, _, mlp in mlps for m in mlp.modules()}
+    linears = [(parent, name, child) for parent in model.modules() if id(parent) not in in_mlps
+               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+    if not linears or linears[0][2].weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    try:  # private ops (the ones inductor uses): check them on this build before relying on them
+        packed = [PackedLinear(linear, dtype) for _, _, linear in linears]
+        fused = [PackedMLP(mlp, dtype) for _, _, mlp in mlps]
+        probes = [(linears[0][2], packed[0])] + ([(mlps[0][2], fused[0])] if mlps else [])
+        for reference, new in probes:
+            width = new.in_features if isinstance(new, PackedLinear) else new.c_fc.in_features
+            x = torch.randn(2, width, generator=torch.Generator().manual_seed(0)).to(next(reference.parameters()).dtype)
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                expected = reference(x).float()  # what autocast computes, or plain fp32
+            got = new(x)
+            tolerance = 2e-2 * expected.abs().max().item()
+            if got.dtype != x.dtype or not torch.allclose(got.float(), expected, rtol=2e-2, atol=tolerance):
+                return False
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    for (parent, name, _), new in zip(linears + mlps, packed + fused):
+        setattr(parent, name, new)  # a tied lm_head gets its own packed copy; wte stays the embedding
+    return True
+
+
+def _version(t: Tensor) -> int:
+    """How often `t` was changed in place; inference tensors (made under inference_mode) keep no count."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
+# model -> (what it was made from, the copy); weak, so a model's copy goes when the model does
+_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def decoding_copy(model, dtype: torch.dtype | None = None):
+    """The model as the cached decoder runs it, with matmul weights in `dtype` (None: the model's).
+
+    On the CPU: a copy whose Linear layers are PackedLinear in `dtype` and everything else as in
+    the model (bf16 attention kernels are slow at one query per row, and fp32 keeps the KV cache
+    exact). Elsewhere: the model itself, or a copy cast to `dtype`. Made once per model and dtype,
+    and again whenever a weight of `model` changed since (its version counter tells).
+    """
+    weight = model.transformer.wte.weight
+    dtype = dtype or weight.dtype
+    if weight.device.type != "cpu" and dtype == weight.dtype:
+        return model
+    made_from = (dtype, tuple((p.data_ptr(), _version(p)) for p in model.parameters()))
+    cached = _COPIES.get(model)
+    if cached is not None and cached[0] == made_from:
+        return cached[1]
+    _COPIES.pop(model, None)  # free the stale copy before making the next
+    with torch.no_grad():
+        fast = copy.deepcopy(model).eval().requires_grad_(False)
+        with new_memory_on_huge_pages():  # the packed weights, streamed at every step (hugepages.py)
+            packed = pack_linears(fast, dtype)
+        if not packed:
+            if dtype == weight.dtype:
+                return model  # nothing to gain from a copy (and the cache must not hold the model)
+            fast = fast.to(dtype)
+    _COPIES[model] = (made_from, fast)
+    return fast
+
+
+# -----------------------------------------------------------------------------
+# One decode step without the module tree
+
+
+class DecodeStep:
+    """One-token decode steps of a packed decoding copy: `step(idx, pos, cache, key_mask)`.
+
+    idx, pos:  (B,) the new token of each row and its position.
+    cache:     the copy's KVCache holding `cache.length` positions; the new keys/values go at
+               index `cache.length`, which then grows by one.
+    key_mask:  (B, >= cache.length + 1) bool, False on padding keys, or None when no row is padded.
+    Returns the fp32 logits (B, V) after the new token, as `model(idx[:, None], kv_cache=cache,
+    pos=pos[:, None], key_mask=key_mask)[0][:, -1]` would, bit for bit.
+
+    A one-token step needs no causal mask (the new token may see every cached key), and a local
+    (GPT-Neo) layer's band is a slice: it sees the last `window_size` keys, itself included (equal
+    to the model's band mask up to the order of summation).
+    """
+
+    @classmethod
+    def of(cls, model) -> "DecodeStep | None":
+        """The step of a decoding copy, or None where its Linear layers are not packed."""
+        blocks = model.transformer.h
+        packed = isinstance(model.lm_head, PackedLinear) and all(
+            isinstance(b.attn.c_attn, PackedLinear) and isinstance(b.attn.c_proj, PackedLinear)
+            and isinstance(b.mlp, PackedMLP) for b in blocks)
+        return cls(model) if packed else None
+
+    def __init__(self, model):
+        config = model.config
+        self.n_head, self.head_dim, self.C = config.n_head, config.head_dim, config.n_embd
+        self.wte, self.wpe = model.transformer.wte.weight, model.transformer.wpe.weight
+        self.ln_f = model.transformer.ln_f
+        self.lm_head = model.lm_head
+        # per layer: its modules, its attention scale, and how many keys it may see (None: all)
+        self.layers = [(b.ln_1, b.attn.c_attn, b.attn.c_proj, b.attn.scale, b.ln_2, b.mlp.c_fc, b.mlp.c_proj,
+                        config.window_size if config.is_local(i) else None) for i, b in enumerate(model.transformer.h)]
+
+    def __call__(self, idx: Tensor, pos: Tensor, cache, key_mask: Tensor | None = None) -> Tensor:
+        B, C, H, D = idx.shape[0], self.C, self.n_head, self.head_dim
+        L = cache.length  # the new token's index in the cache
+        x = F.embedding(idx, self.wte) + F.embedding(pos, self.wpe)  # (B, C)
+        for i, (ln_1, c_attn, c_proj, scale, ln_2, c_fc, mlp_proj, window) in enumerate(self.layers):
+            h = F.layer_norm(x, (C,), ln_1.weight, ln_1.bias, ln_1.eps)
+            qkv = _linear(c_attn, h).float()  # (B, 3C), as the module's fp32 output
+            cache.k[i, :, :, L] = qkv[:, C : 2 * C].view(B, H, D)
+            cache.v[i, :, :, L] = qkv[:, 2 * C :].view(B, H, D)
+            first = 0 if window is None else max(0, L + 1 - window)
+            mask = None if key_mask is None else key_mask[:, None, None, first : L + 1]  # (B, 1, 1, keys)
+            y = F.scaled_dot_product_attention(
+                qkv[:, :C].view(B, H, 1, D),  # (B, n_head, 1, head_dim)
+                cache.k[i, :, :, first : L + 1], cache.v[i, :, :, first : L + 1],  # (B, n_head, keys, head_dim)
+                attn_mask=mask, scale=scale,
+            )
+            x = x + _linear(c_proj, y.view(B, C))  # (B, n_head, 1, head_dim) is (B, C) in memory
+            h = F.layer_norm(x, (C,), ln_2.weight, ln_2.bias, ln_2.eps)
+            x = x + _linear(mlp_proj, _linear(c_fc, h))  # c_fc: GELU inside, output in the weights' dtype
+        cache.length = L + 1
+        x = F.layer_norm(x, (C,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
+        return _linear(self.lm_head, x).float()
+
+
+def _linear(layer: "PackedLinear", x: Tensor) -> Tensor:
+    """`layer(x)` in the weights' dtype (the caller adds it to fp32, or casts): one op, no casts back."""
+    post, algorithm = ("gelu", "tanh") if layer.gelu else ("none", "")
+    return torch.ops.mkldnn._linear_pointwise(x.to(layer.dtype), layer.packed, layer.bias, post, [], algorithm)
