@@ -79,11 +79,13 @@ class PackedLinear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach().to(dtype)
         self.gelu = gelu
 
+    def matmul(self, x: Tensor) -> Tensor:
+        """The result in `dtype` (with the GELU where `gelu`): one op besides the input's cast."""
+        post, algorithm = ("gelu", "tanh") if self.gelu else ("none", "")
+        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, self.bias, post, [], algorithm)
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.gelu:
-            return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, self.bias, "gelu", [], "tanh")
-        y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, self.bias, "none", [], "")
-        return y.to(x.dtype)
+        return self.matmul(x) if self.gelu else self.matmul(x).to(x.dtype)
 
 
 class PackedMLP(nn.Module):
@@ -218,7 +220,7 @@ class DecodeStep:
         x = F.embedding(idx, self.wte) + F.embedding(pos, self.wpe)  # (B, C)
         for i, (ln_1, c_attn, c_proj, scale, ln_2, c_fc, mlp_proj, window) in enumerate(self.layers):
             h = F.layer_norm(x, (C,), ln_1.weight, ln_1.bias, ln_1.eps)
-            qkv = _linear(c_attn, h).float()  # (B, 3C), as the module's fp32 output
+            qkv = c_attn.matmul(h).float()  # (B, 3C), as the module's fp32 output
             cache.k[i, :, :, L] = qkv[:, C : 2 * C].view(B, H, D)
             cache.v[i, :, :, L] = qkv[:, 2 * C :].view(B, H, D)
             first = 0 if window is None else max(0, L + 1 - window)
@@ -228,15 +230,10 @@ class DecodeStep:
                 cache.k[i, :, :, first : L + 1], cache.v[i, :, :, first : L + 1],  # (B, n_head, keys, head_dim)
                 attn_mask=mask, scale=scale,
             )
-            x = x + _linear(c_proj, y.view(B, C))  # (B, n_head, 1, head_dim) is (B, C) in memory
+            x = x + c_proj.matmul(y.view(B, C))  # (B, n_head, 1, head_dim) is (B, C) in memory
             h = F.layer_norm(x, (C,), ln_2.weight, ln_2.bias, ln_2.eps)
-            x = x + _linear(mlp_proj, _linear(c_fc, h))  # c_fc: GELU inside, output in the weights' dtype
+            x = x + mlp_proj.matmul(c_fc.matmul(h))  # c_fc's matmul applies the GELU; adds in fp32
         cache.length = L + 1
         x = F.layer_norm(x, (C,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
-        return _linear(self.lm_head, x).float()
+        return self.lm_head.matmul(x).float()
 
-
-def _linear(layer: "PackedLinear", x: Tensor) -> Tensor:
-    """`layer(x)` in the weights' dtype (the caller adds it to fp32, or casts): one op, no casts back."""
-    post, algorithm = ("gelu", "tanh") if layer.gelu else ("none", "")
-    return torch.ops.mkldnn._linear_pointwise(x.to(layer.dtype), layer.packed, layer.bias, post, [], algorithm)
