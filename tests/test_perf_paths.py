@@ -275,12 +275,18 @@ def test_flat_decode_step_equals_the_models_forward(dtype, case):
         assert torch.allclose(ours.k, theirs.k, atol=1e-6) and torch.allclose(ours.v, theirs.v, atol=1e-6)
 
 
-def test_the_flat_step_is_what_generate_runs():
+def test_the_flat_step_is_what_generate_runs(monkeypatch):
+    from tinystories.decoding import DecodeStep
     from tinystories.generate import _CachedDecoder
 
-    fast = decoding_copy(random_model(), torch.bfloat16)
-    assert _CachedDecoder(fast, 2, 16).step is not None
-    assert _CachedDecoder(random_model(), 2, 16).step is None  # not packed: the module path
+    calls = []
+    real = DecodeStep.__call__
+    monkeypatch.setattr(DecodeStep, "__call__", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    model, prompts = random_model(), [[1, 2], [3]]  # a padded batch
+    stories = generate(model, prompts, 10, temperature=0.0, dtype=torch.float32)
+    assert len(calls) == 9  # every step after the prefill
+    assert stories == generate(model, prompts, 10, temperature=0.0, use_cache=False)  # and it gives the oracle's tokens
+    assert _CachedDecoder(random_model(), 2, 16).step is None  # an unpacked model: the module path
 
 
 def test_new_memory_ranges_are_cut_to_huge_page_boundaries():
