@@ -46,6 +46,20 @@ class ModelConfig:
     scale_attention: bool = _f(True, "divide attention scores by sqrt(head_dim); GPT-Neo does not")
     qkv_bias: bool | None = _f(None, "biases on the query/key/value projection (none given = follow bias; "
                                      "GPT-Neo has none)")
+    # Newer block options (GPT-2 is the default of each); RoPE + rmsnorm + swiglu + no bias = Llama.
+    pos_embedding: str = _f("learned", "positions: learned (GPT-2: a table of block_size vectors) or rope "
+                                       "(rotary, Su et al. 2021: queries and keys rotated by position)")
+    rope_theta: float = _f(10000.0, "RoPE base: the slowest rotation's wavelength is about 2*pi*rope_theta")
+    norm: str = _f("layernorm", "normalisation: layernorm (GPT-2) or rmsnorm (Llama: no mean, no bias)")
+    norm_eps: float = _f(1e-5, "epsilon of every LayerNorm/RMSNorm")
+    mlp: str = _f("gelu", "MLP: gelu (GPT-2, tanh approximation), relu2 (ReLU squared, Primer) or swiglu "
+                          "(Llama: SiLU-gated, three matrices)")
+    mlp_hidden: int | None = _f(None, "MLP hidden width (none given = 4 x n_embd, or 8/3 x n_embd rounded up to "
+                                      "a multiple of 64 for swiglu: about the same parameters)")
+    qk_norm: bool = _f(False, "RMS-normalise each head's queries and keys before attention (Qwen3's q_norm/k_norm)")
+    tie_embeddings: bool = _f(True, "the output layer is the token embedding (GPT-2); false = a separate matrix")
+    zero_init_proj: bool = _f(False, "residual projections start at zero (each block starts as the identity) "
+                                     "instead of GPT-2's 0.02/sqrt(2 n_layer)")
 
     def __post_init__(self) -> None:
         problems = []
@@ -73,15 +87,39 @@ class ModelConfig:
                 )
         if not isinstance(self.window_size, int) or isinstance(self.window_size, bool) or self.window_size < 1:
             problems.append(f"window_size must be a positive integer, got {self.window_size!r}")
-        for name in ("bias", "scale_attention") + (("qkv_bias",) if self.qkv_bias is not None else ()):
+        for name in ("bias", "scale_attention", "qk_norm", "tie_embeddings", "zero_init_proj") + (
+                ("qkv_bias",) if self.qkv_bias is not None else ()):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name, choices in (("pos_embedding", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
+                              ("mlp", ("gelu", "relu2", "swiglu"))):
+            if getattr(self, name) not in choices:
+                problems.append(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                problems.append(f"{name} must be a positive finite number, got {value!r}")
+        if self.mlp_hidden is not None and (
+                not isinstance(self.mlp_hidden, int) or isinstance(self.mlp_hidden, bool) or self.mlp_hidden < 1):
+            problems.append(f"mlp_hidden must be a positive integer, got {self.mlp_hidden!r}")
+        if self.pos_embedding == "rope" and not problems and self.head_dim % 2:
+            problems.append(f"rope needs an even head_dim, got n_embd/n_head = {self.head_dim}")
         if problems:
             raise UserError("invalid model config: " + "; ".join(problems))
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def hidden_size(self) -> int:
+        """The MLP's hidden width: mlp_hidden, else 4 x n_embd (GPT-2), or for SwiGLU 8/3 x n_embd
+        rounded up to a multiple of 64, so its three matrices hold about what GELU's two do."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp == "swiglu":
+            return -(-8 * self.n_embd // 3 // 64) * 64
+        return 4 * self.n_embd
 
     def is_local(self, layer: int) -> bool:
         """Whether block `layer` uses local (sliding-window) attention."""

@@ -5,6 +5,14 @@ Learned positions, pre-LayerNorm blocks, causal self-attention through
 dropout, the output layer tied to the token embedding, GPT-2 initialisation (Radford et al. 2019,
 section 2.3: residual projections scaled by 1/sqrt(2 * n_layer)).
 
+Newer block options are config fields that act where they apply (GPT-2 stays the default):
+`pos_embedding="rope"` rotates queries and keys (Su et al. 2021, RoFormer) instead of adding learned
+positions, `norm="rmsnorm"` (Zhang & Sennrich 2019), `mlp="swiglu"` (Shazeer 2020) or `"relu2"`
+(So et al. 2021, Primer), `qk_norm` (an RMSNorm over each head's queries and keys, as Qwen3),
+`tie_embeddings=False` (a separate output layer), `zero_init_proj` (residual projections start at
+zero, so each block starts as the identity). RoPE + RMSNorm + SwiGLU without biases is the Llama
+layout, and exports to Hugging Face's LlamaForCausalLM.
+
 GPT-Neo (the paper's released TinyStories models) is the same network with three config switches:
 `attention_layers` makes some blocks local (each token sees only the last `window_size` tokens),
 `scale_attention=False` drops the 1/sqrt(head_dim) on attention scores, `qkv_bias=False` drops the
@@ -58,6 +66,31 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+def norm(config: ModelConfig, dim: int) -> nn.Module:
+    """The block's normalisation: LayerNorm (GPT-2) or RMSNorm (no mean, no bias; Llama)."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_angles(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (B, 1, T, head_dim) of the rotation at each position (B, T), in fp32.
+
+    Hugging Face's Llama layout: frequency i turns the pair (i, i + head_dim/2) of every head.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    angles = pos[:, None, :, None].float() * inv_freq  # (B, 1, T, head_dim/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (B, 1, T, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply the rotary embedding to queries or keys x (B, n_head, T, head_dim)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)  # the pair (a, b) -> (-b, a)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -70,14 +103,21 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         # None = SDPA's 1/sqrt(head_dim); GPT-Neo does not scale the scores at all
         self.scale = None if config.scale_attention else 1.0
+        if config.qk_norm:  # each head's queries and keys RMS-normalised before RoPE (Qwen3's q_norm, k_norm)
+            self.q_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps)
 
-    def forward(self, x, layer: int, kv_cache: KVCache | None, attn_mask: torch.Tensor | None):
+    def forward(self, x, layer: int, kv_cache: KVCache | None, attn_mask: torch.Tensor | None, rope=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim): heads become a batch dimension
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:  # (cos, sin), each (B, 1, T, head_dim)
+            q, k = rotate(q, *rope), rotate(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, n_head, length + T, head_dim)
         y = F.scaled_dot_product_attention(
@@ -93,28 +133,39 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """GELU (GPT-2), ReLU squared (Primer), or SwiGLU (Llama: c_fc holds the gate, then the up
+    projection, as one matrix of 2 x hidden rows)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.kind, hidden = config.mlp, config.hidden_size
+        self.c_fc = nn.Linear(config.n_embd, (2 if self.kind == "swiglu" else 1) * hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.c_proj.is_residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        # tanh approximation: what GPT-2 was trained with, and HF's `gelu_new`
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        h = self.c_fc(x)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:  # tanh approximation: what GPT-2 was trained with, and HF's `gelu_new`
+            h = F.gelu(h, approximate="tanh")
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, layer, kv_cache, attn_mask):
-        x = x + self.attn(self.ln_1(x), layer, kv_cache, attn_mask)
+    def forward(self, x, layer, kv_cache, attn_mask, rope=None):
+        x = x + self.attn(self.ln_1(x), layer, kv_cache, attn_mask, rope)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -123,18 +174,20 @@ class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        learned_positions = config.pos_embedding == "learned"  # else RoPE: nothing to learn
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
+                **(dict(wpe=nn.Embedding(config.block_size, config.n_embd)) if learned_positions else {}),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+                ln_f=norm(config, config.n_embd),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying (Press & Wolf 2017): one matrix embeds tokens and scores them.
-        self.lm_head.weight = self.transformer.wte.weight
+        if config.tie_embeddings:
+            # Weight tying (Press & Wolf 2017): one matrix embeds tokens and scores them.
+            self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -142,7 +195,7 @@ class GPT(nn.Module):
             std = 0.02
             if getattr(module, "is_residual_projection", False):
                 # each block adds two residual branches; keep the stream's variance from growing
-                std = 0.02 / math.sqrt(2 * self.config.n_layer)
+                std = 0.0 if self.config.zero_init_proj else 0.02 / math.sqrt(2 * self.config.n_layer)
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -156,7 +209,9 @@ class GPT(nn.Module):
         """
         n = sum(p.numel() for p in self.parameters())  # .parameters() yields a tied tensor once
         if non_embedding:
-            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+            n -= self.transformer.wte.weight.numel()
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
         return n
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
@@ -182,7 +237,7 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
-        if start + T > self.config.block_size:
+        if start + T > self.config.block_size:  # learned positions end there; RoPE trained no further
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
         if pos is None:
             pos = torch.arange(start, start + T, device=idx.device).unsqueeze(0)  # (1, T)
@@ -212,10 +267,15 @@ class GPT(nn.Module):
             if not needs_mask:
                 attn_mask = None  # global layers keep SDPA's causal fast path
 
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.pos_embedding == "rope":
+            rope = rope_angles(pos.expand(B, T), self.config.head_dim, self.config.rope_theta)
+        else:
+            x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, layer, kv_cache, local_mask if self.config.is_local(layer) else attn_mask)
+            x = block(x, layer, kv_cache, local_mask if self.config.is_local(layer) else attn_mask, rope)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.length = start + T
