@@ -270,8 +270,16 @@ def overrides_from_args(args: argparse.Namespace, cls) -> dict:
 class TrainConfig:
     """How to train. The defaults are the brief's recipe for the `33m` model."""
 
+    optimizer: str = _f("adamw", "adamw (every weight), or muon: Muon (Jordan et al. 2024, torch.optim.Muon) on "
+                                 "the blocks' matrices and AdamW on embeddings, output layer, gains and biases")
     learning_rate: float = _f(1e-4, "peak AdamW learning rate")
-    min_lr: float = _f(1e-5, "floor the cosine decay ends at (10% of the peak, Chinchilla-style)")
+    muon_lr: float | None = _f(None, "peak Muon learning rate (none given = learning_rate; updates are scaled "
+                                     "to AdamW's RMS, so the two share a scale)")
+    muon_momentum: float = _f(0.95, "Muon momentum (Nesterov)")
+    schedule: str = _f("cosine", "learning-rate schedule after warmup: cosine (to min_lr) or wsd "
+                                 "(warmup-stable-decay: the peak until the last decay_fraction of steps, then linear to min_lr)")
+    decay_fraction: float = _f(0.2, "wsd: the share of all steps spent decaying at the end")
+    min_lr: float = _f(1e-5, "floor the decay ends at (10% of the peak, Chinchilla-style)")
     warmup_steps: int = _f(1000, "steps of linear warmup from learning_rate/warmup_steps to the peak")
     weight_decay: float = _f(0.1, "AdamW weight decay, applied to matrices only (not biases, norms)")
     beta1: float = _f(0.9, "AdamW beta1")
@@ -303,6 +311,16 @@ class TrainConfig:
             problems.append("max_steps must be at least 1")
         if self.epochs <= 0:
             problems.append("epochs must be positive")
+        if self.optimizer not in ("adamw", "muon"):
+            problems.append(f"optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.muon_lr is not None and not self.muon_lr > 0:
+            problems.append(f"muon_lr must be positive, got {self.muon_lr!r}")
+        if not 0 <= self.muon_momentum < 1:
+            problems.append(f"muon_momentum must be in [0, 1), got {self.muon_momentum!r}")
+        if self.schedule not in ("cosine", "wsd"):
+            problems.append(f"schedule must be cosine or wsd, got {self.schedule!r}")
+        if not 0 < self.decay_fraction <= 1:
+            problems.append(f"decay_fraction must be in (0, 1], got {self.decay_fraction!r}")
         if self.device not in ("auto", "cuda", "mps", "cpu") and not self.device.startswith("cuda:"):
             problems.append(f"device must be auto, cuda, mps or cpu, got {self.device!r}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):

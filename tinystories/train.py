@@ -25,6 +25,7 @@ import sys
 import time
 import tomllib
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,12 +51,21 @@ from tinystories.tokenizer import check_same_tokenizer
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to min_lr.
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then the schedule to min_lr.
 
     Warmup starts at learning_rate / warmup_steps, not 0, so the first step already learns.
+    cosine: from the peak at the end of warmup to min_lr at `total_steps`.
+    wsd (warmup-stable-decay; Hu et al. 2024, MiniCPM; Hägele et al. 2024): the peak until the last
+    `decay_fraction` of all steps (never before warmup ends), then linear to min_lr at `total_steps`.
     """
     if step < cfg.warmup_steps:
         return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "wsd":
+        decay_start = max(cfg.warmup_steps, total_steps - max(1, round(cfg.decay_fraction * total_steps)))
+        if step < decay_start:
+            return cfg.learning_rate
+        progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
+        return cfg.learning_rate + progress * (cfg.min_lr - cfg.learning_rate)
     decay_steps = max(1, total_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
@@ -68,6 +78,38 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+
+
+def muon_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """What Muon trains: the 2-D matrices inside the blocks (attention and MLP projections).
+
+    Muon orthogonalises each update (Newton-Schulz), which suits matrices that map one hidden
+    space to another; embeddings and the output layer are lookups and a classifier, and gains and
+    biases are vectors, so those stay with AdamW (Jordan et al. 2024; modded-nanogpt; nanochat).
+    """
+    return [p for p in model.transformer.h.parameters() if p.requires_grad and p.dim() == 2]
+
+
+def make_optimizers(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> dict[str, torch.optim.Optimizer]:
+    """The run's optimizers by name: {"adamw"} alone, or {"adamw", "muon"} with disjoint parameters.
+
+    Each param group carries its peak learning rate as "peak_lr"; the schedule scales it every step.
+    """
+    in_muon = {id(p) for p in muon_params(model)} if cfg.optimizer == "muon" else set()
+    rest = [g | {"params": [p for p in g["params"] if id(p) not in in_muon]} for g in param_groups(model, cfg.weight_decay)]
+    optimizers = {"adamw": torch.optim.AdamW(
+        [g | {"peak_lr": cfg.learning_rate} for g in rest if g["params"]], lr=cfg.learning_rate,
+        betas=(cfg.beta1, cfg.beta2),
+        fused=device.type in ("cuda", "cpu"),  # one kernel for all tensors; on CPU ~6x faster than the loop
+    )}
+    if in_muon:
+        muon_lr = cfg.muon_lr or cfg.learning_rate
+        optimizers["muon"] = torch.optim.Muon(
+            [{"params": muon_params(model), "peak_lr": muon_lr}], lr=muon_lr, weight_decay=cfg.weight_decay,
+            momentum=cfg.muon_momentum, nesterov=True,
+            adjust_lr_fn="match_rms_adamw",  # updates with AdamW's RMS (0.2 sqrt(max(A, B))): one lr scale
+        )
+    return optimizers
 
 
 def steps_for(cfg: TrainConfig, train_tokens: int, block_size: int) -> int:
@@ -165,7 +207,8 @@ def check_init_fits(model_cfg: ModelConfig, ckpt_cfg: ModelConfig) -> None:
 def initial_weights(path, block_size: int) -> dict:
     """The --init-from checkpoint's weights, positions cropped to `block_size`."""
     weights = load_checkpoint(path).model.state_dict()
-    weights["transformer.wpe.weight"] = weights["transformer.wpe.weight"][:block_size]
+    if "transformer.wpe.weight" in weights:  # learned positions (RoPE has none)
+        weights["transformer.wpe.weight"] = weights["transformer.wpe.weight"][:block_size]
     return weights
 
 
@@ -329,10 +372,7 @@ def run(args) -> int:
     if init is not None:
         model.load_state_dict(initial_weights(init_from, model_cfg.block_size))
     torch.manual_seed(cfg.seed + 1 + rank)  # each rank its own dropout stream
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-        fused=device.type in ("cuda", "cpu"),  # one kernel for all tensors; on CPU ~6x faster than the loop
-    )
+    optimizers = make_optimizers(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_step, best_val_loss = 0, float("inf")
 
@@ -340,7 +380,11 @@ def run(args) -> int:
         last = out / "checkpoints" / "last"
         state = load_trainer_state(last)
         model.load_state_dict(load_checkpoint(last, device).model.state_dict())
-        optimizer.load_state_dict(state["optimizer"])
+        for name, optimizer in optimizers.items():  # "optimizer" is AdamW's (the key before Muon came)
+            peaks = [g["peak_lr"] for g in optimizer.param_groups]  # this run's settings, not the saved ones
+            optimizer.load_state_dict(state["optimizer" if name == "adamw" else name])
+            for group, peak_lr in zip(optimizer.param_groups, peaks):
+                group["peak_lr"] = peak_lr
         scaler.load_state_dict(state["scaler"])
         batches.load_state_dict(state["data"])
         _set_rng_state(state["rng"], device, rank)
@@ -382,56 +426,90 @@ def run(args) -> int:
               f"of {tokens_per_step:,} tokens; {device} {run_config['dtype']}, {world_size} process(es)", flush=True)
         if cfg.warmup_steps >= total_steps:
             print(f"note: warmup_steps ({cfg.warmup_steps}) >= total steps ({total_steps}): the lr never reaches its peak", flush=True)
-    result = _loop(
-        model, raw_model, optimizer, scaler, batches, eval_splits, tokenizer, cfg, autocast, device,
-        out, start_step, total_steps, best_val_loss, tokens_per_step, stop, rank, world_size, args,
-    )
+    result = _loop(Loop(
+        model=model, raw_model=raw_model, optimizers=optimizers, scaler=scaler, batches=batches,
+        eval_splits=eval_splits, tokenizer=tokenizer, cfg=cfg, autocast=autocast, device=device, out=out,
+        data_dir=args.data, total_steps=total_steps, tokens_per_step=tokens_per_step, stop=stop, rank=rank,
+        world_size=world_size, step=start_step, best_val_loss=best_val_loss,
+    ))
     if ddp:
         dist.destroy_process_group()
     return result
 
 
-def _loop(model, raw_model, optimizer, scaler, batches, eval_splits, tokenizer, cfg, autocast, device,
-          out, start_step, total_steps, best_val_loss, tokens_per_step, stop, rank, world_size, args) -> int:
+@dataclass
+class Loop:
+    """What the training loop works with, set up once by `run`; `step` and `best_val_loss` move on."""
+
+    model: torch.nn.Module  # what the steps run: compiled and/or DDP-wrapped
+    raw_model: GPT  # the plain module: checkpoints, evaluation, clipping
+    optimizers: dict[str, torch.optim.Optimizer]
+    scaler: torch.amp.GradScaler
+    batches: EpochWindows
+    eval_splits: dict[str, np.ndarray]
+    tokenizer: object
+    cfg: TrainConfig
+    autocast: object
+    device: torch.device
+    out: Path
+    data_dir: str
+    total_steps: int
+    tokens_per_step: int
+    stop: StopRequest
+    rank: int
+    world_size: int
+    step: int  # optimizer steps done
+    best_val_loss: float
+
+    def trainer_state(self) -> dict:
+        """Everything `--resume` needs besides the weights; tensors and plain values only."""
+        return {"optimizer": self.optimizers["adamw"].state_dict(),
+                **{name: opt.state_dict() for name, opt in self.optimizers.items() if name != "adamw"},
+                "scaler": self.scaler.state_dict(), "data": self.batches.state_dict(),
+                "rng": _rng_state(self.device, self.world_size), "step": self.step, "best_val_loss": self.best_val_loss}
+
+
+def _loop(r: Loop) -> int:
     from tqdm import tqdm
 
-    master = rank == 0
-    accum = cfg.grad_accum // world_size
+    cfg, raw_model, optimizers, scaler, device, out = r.cfg, r.raw_model, r.optimizers, r.scaler, r.device, r.out
+    master = r.rank == 0
+    accum = cfg.grad_accum // r.world_size
     peak = peak_flops(device)
     flops_token = flops_per_token(raw_model.config, raw_model.num_params(non_embedding=True))
     log_file = open(out / "log.jsonl", "a") if master else None
-    bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=not master or None, dynamic_ncols=True)
+    bar = tqdm(total=r.total_steps, initial=r.step, unit="step", disable=not master or None, dynamic_ncols=True)
     started = time.perf_counter()
 
-    def save_last(step: int, val_loss: float | None) -> None:
+    def save_last(val_loss: float | None) -> None:
         if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
-            raise UserError(f"weights became non-finite at step {step}; checkpoints/last was left as it was")
-        state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "data": batches.state_dict(),
-                 "rng": _rng_state(device, world_size), "step": step, "best_val_loss": best_val_loss}
+            raise UserError(f"weights became non-finite at step {r.step}; checkpoints/last was left as it was")
+        state = r.trainer_state()  # every rank takes part (its RNG state is gathered)
         if master:
-            save_checkpoint(out / "checkpoints" / "last", raw_model, tokenizer, step=step, val_loss=val_loss,
+            save_checkpoint(out / "checkpoints" / "last", raw_model, r.tokenizer, step=r.step, val_loss=val_loss,
                             trainer_state=state)
 
-    step = start_step
     val_loss = None
-    for step in range(start_step, total_steps):
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    while r.step < r.total_steps:
+        step, t0 = r.step, time.perf_counter()
+        lr = lr_at(step, cfg, r.total_steps)
+        for optimizer in optimizers.values():
+            for group in optimizer.param_groups:  # each group at its own peak, all on one schedule
+                group["lr"] = group["peak_lr"] * lr / cfg.learning_rate
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
-            x, y = batches.next_batch(device)
+            x, y = r.batches.next_batch(device)
             # under DDP, all-reduce gradients only on the last micro-batch of the step
-            sync = model.no_sync() if world_size > 1 and micro < accum - 1 else nullcontext()
+            sync = r.model.no_sync() if r.world_size > 1 and micro < accum - 1 else nullcontext()
             with sync:
-                with autocast:
-                    _, loss = model(x, y)
+                with r.autocast:
+                    _, loss = r.model(x, y)
                 scaler.scale(loss / accum).backward()
             loss_sum += loss.detach()
-        scaler.unscale_(optimizer)
+        for optimizer in optimizers.values():
+            scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-        if world_size > 1:
+        if r.world_size > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         loss_value = loss_sum.item() / accum
         if not math.isfinite(loss_value) or (not scaler.is_enabled() and not torch.isfinite(grad_norm)):
@@ -439,55 +517,58 @@ def _loop(model, raw_model, optimizer, scaler, batches, eval_splits, tokenizer, 
                 f"loss became {loss_value} at step {step + 1} (grad norm {grad_norm.item():.3g}); the last good "
                 f"checkpoint is {out / 'checkpoints' / 'last'}. Lower --learning-rate or try --dtype fp32, then --resume"
             )
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
+        if torch.isfinite(grad_norm):  # fp16: an overflow anywhere skips every optimizer's step ...
+            for optimizer in optimizers.values():
+                scaler.step(optimizer)
+        scaler.update()  # ... and the scaler lowers its scale (found in unscale_)
+        for optimizer in optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        r.step = done = step + 1
 
         dt = time.perf_counter() - t0
-        record = {"step": done, "tokens": done * tokens_per_step, "loss": round(loss_value, 6), "lr": lr,
-                  "grad_norm": round(grad_norm.item(), 6), "tokens_per_s": round(tokens_per_step / dt, 1)}
+        record = {"step": done, "tokens": done * r.tokens_per_step, "loss": round(loss_value, 6), "lr": lr,
+                  "grad_norm": round(grad_norm.item(), 6), "tokens_per_s": round(r.tokens_per_step / dt, 1)}
         if peak is not None:
-            record["mfu"] = round(flops_token * tokens_per_step / dt / (peak * world_size), 4)
-        if done % cfg.eval_interval == 0 or done == total_steps:
-            for split, tokens in eval_splits.items():
+            record["mfu"] = round(flops_token * r.tokens_per_step / dt / (peak * r.world_size), 4)
+        if done % cfg.eval_interval == 0 or done == r.total_steps:
+            for split, tokens in r.eval_splits.items():
                 loss = estimate_loss(raw_model, tokens, raw_model.config.block_size, cfg.batch_size,
-                                     cfg.eval_tokens, device, autocast, rank, world_size)
+                                     cfg.eval_tokens, device, r.autocast, r.rank, r.world_size)
                 record[f"{split}_loss"] = round(loss, 6)
             val_loss = record.get("val_loss")
-            if val_loss is not None and val_loss < best_val_loss:
-                best_val_loss = val_loss
+            if val_loss is not None and val_loss < r.best_val_loss:
+                r.best_val_loss = val_loss
                 if master:
-                    save_checkpoint(out / "checkpoints" / "best", raw_model, tokenizer, step=done, val_loss=val_loss)
+                    save_checkpoint(out / "checkpoints" / "best", raw_model, r.tokenizer, step=done, val_loss=val_loss)
         if master:
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-            if done % cfg.log_interval == 0 or "val_loss" in record or done == total_steps:
+            if done % cfg.log_interval == 0 or "val_loss" in record or done == r.total_steps:
                 extra = "".join(f" | {k} {record[k]:.4f}" for k in ("val_loss", "test_loss") if k in record)
                 mfu = f" | mfu {record['mfu']:.1%}" if "mfu" in record else ""
-                bar.write(f"step {done:>6}/{total_steps} | loss {loss_value:.4f} | lr {lr:.2e} | "
+                bar.write(f"step {done:>6}/{r.total_steps} | loss {loss_value:.4f} | lr {lr:.2e} | "
                           f"{record['tokens_per_s']:>8,.0f} tok/s{mfu}{extra}")
 
-        stopping = torch.tensor(float(stop.requested), device=device)
-        if world_size > 1:
+        stopping = torch.tensor(float(r.stop.requested), device=device)
+        if r.world_size > 1:
             dist.all_reduce(stopping, op=dist.ReduceOp.MAX)  # all ranks stop at the same step
-        if done % cfg.checkpoint_interval == 0 or done == total_steps or stopping.item():
-            save_last(done, val_loss)
+        if done % cfg.checkpoint_interval == 0 or done == r.total_steps or stopping.item():
+            save_last(val_loss)
         if stopping.item():
             bar.close()
             if master:
-                print(f"stopped at step {done}/{total_steps}; checkpoints/last saved. Resume with:\n"
-                      f"  tinystories train --data {args.data} --out {out} --resume", flush=True)
+                print(f"stopped at step {done}/{r.total_steps}; checkpoints/last saved. Resume with:\n"
+                      f"  tinystories train --data {r.data_dir} --out {out} --resume", flush=True)
             return 0
 
     bar.close()
     if master:
         log_file.close()
         elapsed = time.perf_counter() - started
-        best = f"{best_val_loss:.4f}" if math.isfinite(best_val_loss) else "n/a"
-        print(f"done: {total_steps} steps, {total_steps * tokens_per_step:,} tokens, {elapsed:.0f}s this session; "
-              f"final train loss {loss_value:.4f}, best val loss {best} ({tokenizer.name} tokens)\n"
+        best = f"{r.best_val_loss:.4f}" if math.isfinite(r.best_val_loss) else "n/a"
+        print(f"done: {r.total_steps} steps, {r.total_steps * r.tokens_per_step:,} tokens, {elapsed:.0f}s this session; "
+              f"final train loss {loss_value:.4f}, best val loss {best} ({r.tokenizer.name} tokens)\n"
               f"checkpoints: {out / 'checkpoints' / 'best'} (best val loss), {out / 'checkpoints' / 'last'}", flush=True)
     return 0
