@@ -18,10 +18,12 @@ from tinystories.cli import main
 from tinystories.errors import UserError
 from tinystories.judge import JudgeClient, parse_grades, summarize_grades
 from tinystories.memorization import NgramIndex, ngram_hashes
-from tinystories.quality import distinct_n, read_prompts, repetition, words
+from tinystories.quality import (DEFAULT_PROTOCOL, PAPER_PROMPTS_FILE, PAPER_PROTOCOL, distinct_n, load_prompt_set,
+                                 read_prompts, repetition, words)
 
 REPO = Path(__file__).resolve().parents[1]
 TINYSTORIES = REPO.parent / "shared" / "data" / "tinystories"
+PAPER_PROMPTS = TINYSTORIES / PAPER_PROMPTS_FILE  # the reconstruction of the hub file (see its PROVENANCE.md)
 os.environ.setdefault("TINYSTORIES_GPT2_VOCAB", str(REPO.parent / "shared" / "data" / "gpt2"))
 
 
@@ -68,6 +70,28 @@ def test_a_prompt_file_of_comments_only_is_refused(tmp_path):
     f.write_text("# nothing\n\n")
     with pytest.raises(UserError, match="no story beginnings"):
         read_prompts(f)
+
+
+def test_the_papers_prompt_file_parses_to_its_44_beginnings_kept_verbatim(tmp_path):
+    ps = load_prompt_set(str(PAPER_PROMPTS), tmp_path / "cache")
+    assert ps.name == "paper" and ps.source == str(PAPER_PROMPTS) and ps.protocol == PAPER_PROTOCOL
+    assert ps.sha256 == "7d2b2e67ef96d99215fae332f6802858796a1ef200d116edcec5bd5ba7d599e2"  # PROVENANCE.md's
+    assert len(ps.prompts) == 44 and len(set(ps.prompts)) == 44 and all(isinstance(p, str) for p in ps.prompts)
+    assert ps.prompts[0].startswith("Once upon a time, there lived a bunny in a field. Her name was Lucy.")
+    assert ps.prompts[42].startswith("Once upon a time, there lived a black cat.")  # the paper's Figure 8
+    # not stripped or re-spelt: the paper's models completed these exact strings
+    assert sum(p.endswith(" ") for p in ps.prompts) == 1 and any("vey busy" in p for p in ps.prompts)
+    assert sum("\n\n" in p for p in ps.prompts) > 10  # paragraphs survive the YAML block scalars
+
+
+def test_the_other_prompt_sets_keep_the_default_protocol(tmp_path):
+    packaged = load_prompt_set("packaged", tmp_path)
+    assert packaged.name == "packaged" and packaged.prompts == read_prompts() and packaged.protocol == DEFAULT_PROTOCOL
+    f = tmp_path / "mine.txt"
+    f.write_text("# mine\nTom found a key.\nSue had a red hat.\n")
+    mine = load_prompt_set(str(f), tmp_path)
+    assert (mine.name, mine.protocol) == ("file", DEFAULT_PROTOCOL)
+    assert mine.prompts == ["Tom found a key.", "Sue had a red hat."]
 
 
 # -----------------------------------------------------------------------------
@@ -352,6 +376,9 @@ def test_quality_command_writes_json_and_markdown_with_every_measure(run_setup, 
         assert report["summary"][key] is not None
     for key in ("seed", "temperature", "top_p", "max_new_tokens", "batch_size", "n_prompts"):
         assert key in report["settings"]
+    s = report["settings"]
+    assert (s["prompt_set"], s["protocol"], s["protocol_overrides"]) == ("packaged", "default", [])
+    assert (s["completions_per_prompt"], s["temperature"], s["top_p"]) == (1, 0.8, 0.95)
     assert 0 < report["summary"]["mean_tokens"] <= 24
     m = report["memorization"]
     assert m["n"] == 8 and m["train_tokens"] > 0 and 0 <= m["mean_overlap"] <= 1
@@ -406,3 +433,121 @@ def test_an_index_that_cannot_be_written_is_a_user_error(tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     with pytest.raises(UserError, match="--index PATH"):
         NgramIndex.open_or_build(tmp_path / "a_file" / "idx.npy", np.arange(100, dtype=np.uint16), n=4, progress=False)
+
+
+# -----------------------------------------------------------------------------
+# The paper's 44 beginnings: a local copy, the hub's (a real server on 127.0.0.1), bad files
+
+
+def quality_argv(run_setup, out, *extra):
+    return ["quality", "--checkpoint", str(run_setup["ckpt"]), "--out", str(out), "--max-new-tokens", "4",
+            "--device", "cpu", *map(str, extra)]
+
+
+def test_quality_with_the_papers_prompts_follows_the_papers_protocol(run_setup, tmp_path, capsys):
+    assert main(quality_argv(run_setup, tmp_path / "a", "--prompts", PAPER_PROMPTS)) == 0
+    assert "completions of the paper prompts (44 beginnings)" in capsys.readouterr().out
+    report = json.loads((tmp_path / "a" / "quality.json").read_text())
+    s = report["settings"]
+    assert (s["prompt_set"], s["prompts"], s["n_prompts"], s["protocol"]) == ("paper", str(PAPER_PROMPTS), 44, "paper")
+    assert (s["completions_per_prompt"], s["temperature"], s["top_p"], s["protocol_overrides"]) == (10, 1.0, 1.0, [])
+    assert s["prompts_sha256"] == load_prompt_set(str(PAPER_PROMPTS), tmp_path).sha256
+    cs = report["completions"]
+    assert report["summary"]["completions"] == len(cs) == 440
+    beginnings = load_prompt_set(str(PAPER_PROMPTS), tmp_path).prompts
+    for pid in range(44):  # ten samples of each beginning, side by side, under its own text
+        mine = cs[10 * pid : 10 * pid + 10]
+        assert [(c["prompt_id"], c["sample"]) for c in mine] == [(pid, k) for k in range(10)]
+        assert all(c["prompt"] == beginnings[pid] for c in mine)
+    assert len({c["completion"] for c in cs[:10]}) > 1  # sampled anew each time, not one story copied ten times
+    md = (tmp_path / "a" / "quality.md").read_text()
+    assert "of the 44 beginnings of the paper set" in md and "10 of each" in md
+    assert "### 2\n" in md and f"**{beginnings[1]}**" in md  # samples shown are of different beginnings
+
+    # a setting given on the command line wins, and the report says it left the protocol
+    assert main(quality_argv(run_setup, tmp_path / "b", "--prompts", PAPER_PROMPTS, "--temperature", "0.5",
+                             "--completions-per-prompt", "1", "--top-p", "1")) == 0
+    s = json.loads((tmp_path / "b" / "quality.json").read_text())["settings"]
+    assert (s["temperature"], s["completions_per_prompt"]) == (0.5, 1)
+    assert s["protocol_overrides"] == ["completions_per_prompt", "temperature"]  # --top-p 1 is the protocol's
+
+
+@pytest.mark.parametrize("text,message", [
+    ("- Once upon a time\n- [a list that never closes\n", "is not valid YAML at line 3"),
+    ("prompts:\n  - Once upon a time\n", "holds a YAML mapping"),
+    ("- Once upon a time\n- 42\n", "item 2 is a YAML number"),
+    ("- Once upon a time\n- - nested\n", "item 2 is a YAML list"),
+    ("- Once upon a time\n- ''\n", "item 2 is empty"),
+    ("[]\n", "holds no story beginnings"),
+    ("", "holds no story beginnings"),
+])
+def test_a_bad_prompt_yaml_is_one_line_and_exit_2(run_setup, tmp_path, capsys, text, message):
+    f = tmp_path / "prompts.yaml"
+    f.write_text(text)
+    code = main(quality_argv(run_setup, tmp_path / "q", "--prompts", f))
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert err.startswith(f"tinystories quality: error: prompt file {f}")
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """test_download's hub on 127.0.0.1, serving the paper's file too; a fresh, empty cache."""
+    from urllib.parse import quote
+
+    from test_download import Hub
+
+    server = Hub()
+    # its handler looks up the raw URL path, where the file's name is percent-encoded
+    server.files[quote(PAPER_PROMPTS_FILE)] = PAPER_PROMPTS.read_bytes()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # test_export sets it for the whole session
+    monkeypatch.setenv("TINYSTORIES_CACHE", str(tmp_path / "cache"))
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_prompts_paper_downloads_the_hub_file_once_into_the_cache(run_setup, hub, tmp_path, monkeypatch):
+    flags = ("--prompts", "paper", "--completions-per-prompt", "1")
+    assert main(quality_argv(run_setup, tmp_path / "a", *flags)) == 0
+    resolve = "/datasets/roneneldan/TinyStories/resolve/main/Evaluation%20prompts.yaml"
+    url = hub.endpoint + resolve
+    s = json.loads((tmp_path / "a" / "quality.json").read_text())["settings"]
+    assert (s["prompt_set"], s["prompts"], s["n_prompts"], s["protocol"]) == ("paper", url, 44, "paper")
+    assert s["prompts_sha256"] == "7d2b2e67ef96d99215fae332f6802858796a1ef200d116edcec5bd5ba7d599e2"
+    assert (s["temperature"], s["protocol_overrides"]) == (1.0, ["completions_per_prompt"])
+    cached = tmp_path / "cache" / "hf" / "datasets" / "roneneldan" / "TinyStories" / PAPER_PROMPTS_FILE
+    assert cached.read_bytes() == PAPER_PROMPTS.read_bytes()
+    assert [path for path, _ in hub.requests] == [resolve, "/storage/Evaluation%20prompts.yaml"]  # hub-style redirect
+
+    # the second run reads the cache, even where the network is forbidden
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(quality_argv(run_setup, tmp_path / "b", *flags)) == 0
+    assert len(hub.requests) == 2
+    assert json.loads((tmp_path / "b" / "quality.json").read_text())["settings"]["prompts"] == url
+
+
+def test_prompts_paper_offline_or_unreachable_fails_fast_in_one_line(run_setup, tmp_path, capsys, monkeypatch):
+    import socket
+
+    monkeypatch.setenv("TINYSTORIES_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(quality_argv(run_setup, tmp_path / "q", "--prompts", "paper")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "HF_HUB_OFFLINE is set" in err and "pass its path to --prompts" in err
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    t0 = time.monotonic()
+    assert main(quality_argv(run_setup, tmp_path / "q", "--prompts", "paper")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot reach 127.0.0.1" in err and "pass its path to --prompts" in err
+    assert time.monotonic() - t0 < 10  # no retries when nothing answers
+    assert not (tmp_path / "q").exists()

@@ -177,12 +177,31 @@ def _add_quality(sub) -> None:
     p.add_argument("--out", required=True, help="folder for quality.json and quality.md")
     p.add_argument("--data", default=None,
                    help="DATA_DIR the model trained on: its train split is searched for copied text (default: no check)")
-    p.add_argument("--prompts", default=None,
-                   help="file of story beginnings, one per line (default: the packaged set of 60)")
+    # The paper's protocol sets the defaults of the sampling flags when its prompts are used, so
+    # quality has its own copies of them (default None: "the prompt set's protocol decides").
+    from tinystories.quality import DEFAULT_PROTOCOL as default, PAPER_PROTOCOL as paper
+
+    p.add_argument("--prompts", default="packaged", metavar="packaged|paper|FILE",
+                   help="story beginnings to complete: packaged (the 60 written for this project); paper (the "
+                        "paper's 44, 'Evaluation prompts.yaml' of the hub's roneneldan/TinyStories, downloaded once "
+                        "into --cache-dir; HF_ENDPOINT picks a mirror; offline it stops with an error); FILE.yaml (a "
+                        "local copy of that file, a YAML list of strings; counts as the paper's set); any other FILE "
+                        "(one beginning per line)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where downloads are kept (default: $TINYSTORIES_CACHE or ~/.cache/tinystories)")
+    p.add_argument("--completions-per-prompt", type=_positive_int, default=None,
+                   help=f"completions of each beginning (default: {paper['completions_per_prompt']} with the paper's "
+                        f"prompts, as its GPT-4 grading; else {default['completions_per_prompt']})")
     p.add_argument("--max-new-tokens", type=_positive_int, default=300, help="tokens to add per beginning at most")
-    _add_sampling(p)
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"0 = greedy; higher = more random (default: {paper['temperature']} with the paper's prompts, "
+                        f"else {default['temperature']})")
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None,
+                   help=f"sample from the smallest set of tokens with this much probability; 1 = all (default: "
+                        f"{paper['top_p']} with the paper's prompts, else {default['top_p']})")
     p.add_argument("--seed", type=int, default=1337, help="seed of the sampling (same seed and batch size, same stories)")
-    p.add_argument("--batch-size", type=_positive_int, default=20, help="beginnings completed at once")
+    p.add_argument("--batch-size", type=_positive_int, default=20, help="completions written at once")
     p.add_argument("--ngram", type=_positive_int, default=8, help="n-gram length (tokens) of the memorization index")
     p.add_argument("--index", default=None,
                    help="where the n-gram index of the training tokens is kept (default: beside train.bin in DATA_DIR)")

@@ -1,6 +1,8 @@
 """Downloads for `tinystories prepare`: the official TinyStories files, resumable, verified, cached.
+(`tinystories quality --prompts paper` fetches the paper's evaluation prompts the same way.)
 
     files = fetch_hf("v2")                  # {"train": Downloaded, "test": Downloaded}
+    d = fetch_hf_file("Evaluation prompts.yaml", cache_dir())   # any other file of the dataset repo
     d = download(url, cache_dir() / "url" / "x" / "stories.txt")
     d.path, d.sha256, d.bytes, d.url
 
@@ -94,12 +96,18 @@ def fetch_hf(dataset: str, cache: Path, splits=("train", "test"), *, retries: in
         f"https://huggingface.co/datasets/{HF_REPO} elsewhere and run `tinystories prepare --source FOLDER` "
         "on the folder holding them (or set HF_ENDPOINT to a reachable mirror)"
     )
-    folder = cache / "hf" / "datasets" / HF_REPO
     return {
-        split: download(hf_url(names[split]), folder / names[split], retries=retries, progress=progress,
-                        offline_hint=hint)
+        split: fetch_hf_file(names[split], cache, retries=retries, progress=progress, offline_hint=hint)
         for split in splits
     }
+
+
+def fetch_hf_file(filename: str, cache: Path, *, retries: int = 3, progress: bool | None = None,
+                  offline_hint: str = "") -> Downloaded:
+    """One file of the dataset repo (e.g. `Evaluation prompts.yaml`), from the cache or downloaded into it."""
+    folder = cache / "hf" / "datasets" / HF_REPO
+    return download(hf_url(filename), folder / filename, retries=retries, progress=progress,
+                    offline_hint=offline_hint)
 
 
 def fetch_url(url: str, cache: Path, *, retries: int = 3, progress: bool | None = None) -> Downloaded:

@@ -1,12 +1,23 @@
 """`tinystories quality`: the story-quality report, the measures Eldan & Li (2023) judged stories by.
 
     tinystories quality --checkpoint runs/tiny --data data/ts --out reports/tiny
+    tinystories quality --checkpoint runs/tiny --out reports/paper --prompts paper   # the paper's 44
     tinystories quality --checkpoint runs/tiny --data data/ts --out reports/tiny \\
         --judge-url http://localhost:8000/v1 --judge-model NAME     # key from $OPENAI_API_KEY
 
-The model completes a fixed set of story beginnings (tinystories/prompts/beginnings.txt, >= 50,
-written for this project in the paper's style) with a fixed seed, each behind an end-of-text token
-as a story starts in training. Per completion and over all of them:
+The model completes a fixed set of story beginnings with a fixed seed, each behind an end-of-text
+token as a story starts in training. `--prompts` picks the set:
+    packaged     tinystories/prompts/beginnings.txt (the default): 60 written for this project in the
+                 paper's style, one completion each
+    paper        the paper's own 44 beginnings, `Evaluation prompts.yaml` of the dataset repo
+                 roneneldan/TinyStories on the hub, downloaded once into the cache as `prepare --source
+                 hf` does ($HF_ENDPOINT for a mirror; unreachable or $HF_HUB_OFFLINE: one line, exit 2)
+    FILE.yaml    a local copy of that file (a YAML list of strings), e.g. the reconstruction in
+                 ../shared/data/tinystories/; it counts as the paper's set
+    FILE         any other file: one beginning per line, '#' lines are comments
+With the paper's set, the settings not given on the command line follow the paper's protocol (see
+PAPER_PROTOCOL); quality.json records the set, its sha256, the protocol and what overrode it.
+Per completion and over all of them:
     tokens, words        mean length of the completions (end-of-text not counted)
     eot_share            share of completions that ended with end-of-text within --max-new-tokens
     distinct_1/2/3       distinct word n-grams / all word n-grams over all completions (Li et al.
@@ -27,17 +38,67 @@ OUT/quality.md (tables and sample completions).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import time
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from tinystories.errors import UserError
 
 # -----------------------------------------------------------------------------
-# The fixed beginnings
+# The fixed beginnings, and the settings that go with them
+
+PACKAGED_PROMPTS = "tinystories/prompts/beginnings.txt"
+PAPER_PROMPTS_FILE = "Evaluation prompts.yaml"  # in the hub's dataset repo roneneldan/TinyStories
+
+# Eldan & Li (2023), section 3 ("GPT-Eval"): each story beginning is completed 10 times by the model
+# at temperature 1, GPT-4 grades every completion, and the grades are averaged. That is the
+# paper's text as recalled (its PDF could not be read where this was written); the third-party
+# transcription that the shared copy of the prompts comes from (Verace-Pvt-Ltd/Verace-V1,
+# verace_v1/eval/tinystories_gpt4_eval.py) states the same two numbers. Assumed, as the paper names
+# none of them: no top-k or top-p (top-p 1 keeps every token, so plain sampling at temperature 1),
+# and this command's default length of 300 new tokens (longer than most TinyStories stories). A
+# reply by Eldan quoted on the web, "we used temp=0, beams=5", is about generation in some other
+# context not known here; it is not followed. The paper's text is recalled as speaking of 50
+# prompts; the hub file holds 44.
+PAPER_PROTOCOL = {"completions_per_prompt": 10, "temperature": 1.0, "top_p": 1.0}
+# Any other set: one completion each, at the sampling defaults of `tinystories generate`.
+DEFAULT_PROTOCOL = {"completions_per_prompt": 1, "temperature": 0.8, "top_p": 0.95}
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    name: str  # "packaged", "paper" (the hub file or a local copy of it) or "file"
+    source: str  # where it was read: the package path, the URL downloaded, or the file
+    sha256: str  # of the file's bytes, to compare a local copy with the hub's
+    prompts: list[str]
+
+    @property
+    def protocol(self) -> dict:
+        return PAPER_PROTOCOL if self.name == "paper" else DEFAULT_PROTOCOL
+
+
+def load_prompt_set(spec: str | None, cache: Path) -> PromptSet:
+    """`--prompts`: "packaged" (or None), "paper" (the hub's file, cached), FILE.yaml or FILE."""
+    if spec in (None, "packaged"):
+        data = resources.files("tinystories").joinpath("prompts/beginnings.txt").read_bytes()
+        prompts = _parse_lines(data.decode("utf-8"), PACKAGED_PROMPTS)
+        return PromptSet("packaged", PACKAGED_PROMPTS, _sha256(data), prompts)
+    if spec == "paper":
+        from tinystories.download import HF_REPO, fetch_hf_file
+
+        hint = (f"fetch '{PAPER_PROMPTS_FILE}' from https://huggingface.co/datasets/{HF_REPO} elsewhere and pass "
+                "its path to --prompts (or set HF_ENDPOINT to a reachable mirror)")
+        got = fetch_hf_file(PAPER_PROMPTS_FILE, cache, offline_hint=hint)
+        return PromptSet("paper", got.url, got.sha256, read_paper_prompts(got.path))
+    path = Path(spec)
+    if path.suffix.lower() in (".yaml", ".yml"):
+        return PromptSet("paper", str(path), _sha256(_read_bytes(path)), read_paper_prompts(path))
+    return PromptSet("file", str(path), _sha256(_read_bytes(path)), read_prompts(path))
 
 
 def read_prompts(path=None) -> list[str]:
@@ -45,17 +106,69 @@ def read_prompts(path=None) -> list[str]:
     if path is None:
         text = resources.files("tinystories").joinpath("prompts/beginnings.txt").read_text(encoding="utf-8")
     else:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UserError(f"prompt file {path} does not exist") from None
-        except UnicodeDecodeError:
-            raise UserError(f"prompt file {path} is not UTF-8 text") from None
+        text = _read_text(path)
+    return _parse_lines(text, path)
+
+
+def read_paper_prompts(path) -> list[str]:
+    """The beginnings of a file shaped like the hub's `Evaluation prompts.yaml`: a YAML list of strings.
+
+    Kept exactly as written (not stripped): the paper's models completed these very strings, one of
+    which ends in a space, and their spelling ("vey busy") is the paper's too.
+    """
+    import yaml
+
+    try:
+        data = yaml.safe_load(_read_text(path))
+    except yaml.YAMLError as e:
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"prompt file {path} is not valid YAML{where}: {' '.join(problem.split())}") from None
+    expected = "expected a YAML list of story beginnings (strings), the shape of the paper's file"
+    if data is None or data == []:
+        raise UserError(f"prompt file {path} holds no story beginnings; {expected}")
+    if not isinstance(data, list):
+        raise UserError(f"prompt file {path} holds a YAML {_yaml_kind(data)}; {expected}")
+    for i, prompt in enumerate(data, 1):
+        if not isinstance(prompt, str):
+            raise UserError(f"prompt file {path}: item {i} is a YAML {_yaml_kind(prompt)}; {expected}")
+        if not prompt.strip():
+            raise UserError(f"prompt file {path}: item {i} is empty; {expected}")
+    return data
+
+
+def _yaml_kind(value) -> str:
+    kinds = {dict: "mapping", list: "list", str: "string", type(None): "null", bool: "boolean", int: "number",
+             float: "number"}
+    return kinds.get(type(value), type(value).__name__)  # e.g. a date, which YAML reads from 2023-05-12
+
+
+def _parse_lines(text: str, path) -> list[str]:
     prompts = [line.strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise UserError(f"prompt file {path} holds no story beginnings (one per line)")
     return prompts
+
+
+def _read_bytes(path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"prompt file {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"prompt file {path} is a folder, not a file") from None
+
+
+def _read_text(path) -> str:
+    try:
+        return _read_bytes(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"prompt file {path} is not UTF-8 text") from None
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 # -----------------------------------------------------------------------------
@@ -123,8 +236,9 @@ def memorization_summary(completions: list[dict], n: int) -> dict:
 
 
 def complete(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float, top_k, top_p,
-             seed: int, batch_size: int, device) -> list[dict]:
-    """One completion per beginning, reproducible from `seed` (and the batch size)."""
+             seed: int, batch_size: int, device, completions_per_prompt: int = 1) -> list[dict]:
+    """`completions_per_prompt` completions of each beginning (its copies side by side), reproducible
+    from `seed` (and the batch size)."""
     import torch
     from tqdm import tqdm
 
@@ -132,19 +246,23 @@ def complete(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
 
     eot = tokenizer.eot_id
     generator = torch.Generator(device=device).manual_seed(seed)
+    jobs = [(prompt_id, sample, prompt) for prompt_id, prompt in enumerate(prompts)
+            for sample in range(completions_per_prompt)]
     records = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc="completions", unit="batch", disable=None):
-        batch = prompts[i : i + batch_size]
-        ids = [[eot] + tokenizer.encode(p) for p in batch]  # a story starts after end-of-text
+    for i in tqdm(range(0, len(jobs), batch_size), desc="completions", unit="batch", disable=None):
+        batch = jobs[i : i + batch_size]
+        ids = [[eot] + tokenizer.encode(prompt) for _, _, prompt in batch]  # a story starts after end-of-text
         with torch.inference_mode():  # no autograd graph: it would keep every step's activations alive
             new = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            eot_id=eot, generator=generator)
-        for j, (prompt, tokens) in enumerate(zip(batch, new)):
+        for j, ((prompt_id, sample, prompt), tokens) in enumerate(zip(batch, new)):
             ended = bool(tokens) and tokens[-1] == eot
             body = tokens[:-1] if ended else tokens
             text = tokenizer.decode(body)
             records.append({
                 "id": i + j,
+                "prompt_id": prompt_id,
+                "sample": sample,
                 "prompt": prompt,
                 "completion": text,
                 "completion_ids": body,
@@ -177,9 +295,12 @@ def markdown_report(report: dict, samples: int) -> str:
     lines = [
         f"# Story quality: {report['checkpoint']}",
         "",
-        f"Step {report['step']}, tokenizer {report['tokenizer']}. {t['completions']} completions of the "
-        f"beginnings in `{s['prompts']}`, seed {s['seed']}, temperature {s['temperature']}, top-k {s['top_k']}, "
-        f"top-p {s['top_p']}, at most {s['max_new_tokens']} new tokens, batches of {s['batch_size']}.",
+        f"Step {report['step']}, tokenizer {report['tokenizer']}. {t['completions']} completions "
+        f"({s['completions_per_prompt']} of each) of the {s['n_prompts']} beginnings of the {s['prompt_set']} "
+        f"set (`{s['prompts']}`), seed {s['seed']}, temperature {s['temperature']}, top-k {s['top_k']}, "
+        f"top-p {s['top_p']}, at most {s['max_new_tokens']} new tokens, batches of {s['batch_size']}. Settings "
+        f"not given followed the {s['protocol']} protocol"
+        + (f"; given otherwise: {', '.join(s['protocol_overrides'])}." if s["protocol_overrides"] else "."),
         "",
         "| measure | value |",
         "| --- | --- |",
@@ -229,8 +350,9 @@ def markdown_report(report: dict, samples: int) -> str:
                 f"| {_fmt(g['mean_plot'], 2)} | {ages or 'n/a'} | {g['graded']} | {g['ungraded']} |",
             ]
     lines += ["", "## Sample completions", "", "The beginning is in bold; the model wrote the rest.", ""]
-    for c in report["completions"][:samples]:
-        lines += [f"### {c['id'] + 1}", "", _quote(f"**{c['prompt']}**{c['completion']}" +
+    firsts = [c for c in report["completions"] if c.get("sample", 0) == 0]  # one per beginning, not 10 of one
+    for c in firsts[:samples]:
+        lines += [f"### {c.get('prompt_id', c['id']) + 1}", "", _quote(f"**{c['prompt']}**{c['completion']}" +
                                                    ("" if c["ended_with_eot"] else " [cut at max tokens]")), ""]
         if c.get("memorization"):
             mm, n = c["memorization"], report["memorization"]["n"]
@@ -256,7 +378,15 @@ def run(args) -> int:
     from tinystories.device import pick_device
     from tinystories.generate import check_sampling
 
-    check_sampling(args.temperature, args.top_k, args.top_p)
+    from tinystories.download import cache_dir
+
+    prompt_set = load_prompt_set(args.prompts, cache_dir(args.cache_dir))
+    # Settings left unset on the command line (None) take the prompt set's protocol.
+    protocol = prompt_set.protocol
+    given = {k: getattr(args, k) for k in protocol if getattr(args, k) is not None}
+    sampling = {**protocol, **given}
+    overrides = sorted(k for k, v in given.items() if v != protocol[k])
+    check_sampling(sampling["temperature"], args.top_k, sampling["top_p"])
     judge = None
     if args.judge_url:  # settings checked before any slow work
         from tinystories.judge import JudgeClient
@@ -265,7 +395,7 @@ def run(args) -> int:
             raise UserError("--judge-url needs --judge-model (the model name the endpoint serves)")
         judge = JudgeClient(args.judge_url, args.judge_model, os.environ.get(args.judge_key_env) or None,
                             rate=args.judge_rate, retries=args.judge_retries)
-    prompts = read_prompts(args.prompts)
+    prompts = prompt_set.prompts
     out = Path(args.out)
     index = None
     if args.data is not None:  # check the data before spending time on generation
@@ -287,8 +417,9 @@ def run(args) -> int:
     ckpt = load_checkpoint(args.checkpoint, device)
     t0 = time.perf_counter()
     completions = complete(ckpt.model, ckpt.tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                           batch_size=args.batch_size, device=device)
+                           temperature=sampling["temperature"], top_k=args.top_k, top_p=sampling["top_p"],
+                           seed=args.seed, batch_size=args.batch_size, device=device,
+                           completions_per_prompt=sampling["completions_per_prompt"])
     generate_seconds = time.perf_counter() - t0
 
     memorization = None
@@ -313,13 +444,18 @@ def run(args) -> int:
         "step": ckpt.config.get("step"),
         "tokenizer": ckpt.tokenizer.name,
         "settings": {
-            "prompts": args.prompts or "tinystories/prompts/beginnings.txt",
+            "prompt_set": prompt_set.name,
+            "prompts": prompt_set.source,
+            "prompts_sha256": prompt_set.sha256,
             "n_prompts": len(prompts),
+            "completions_per_prompt": sampling["completions_per_prompt"],
+            "protocol": "paper" if prompt_set.name == "paper" else "default",
+            "protocol_overrides": overrides,  # settings given on the command line that differ from the protocol
             "seed": args.seed,
             "max_new_tokens": args.max_new_tokens,
-            "temperature": args.temperature,
+            "temperature": sampling["temperature"],
             "top_k": args.top_k,
-            "top_p": args.top_p,
+            "top_p": sampling["top_p"],
             "batch_size": args.batch_size,
             "device": str(device),
             "prompt_prefix": "end-of-text token",
@@ -342,7 +478,8 @@ def run(args) -> int:
     (out / "quality.md").write_text(markdown_report(report, args.samples), encoding="utf-8")
 
     t = report["summary"]
-    print(f"{report['checkpoint']} (step {report['step']}): {t['completions']} completions, "
+    print(f"{report['checkpoint']} (step {report['step']}): {t['completions']} completions of the "
+          f"{prompt_set.name} prompts ({len(prompts)} beginnings), "
           f"mean {_fmt(t['mean_tokens'], 1)} tokens, {_fmt(t['eot_share'])} ended with end-of-text")
     print(f"  distinct-1/2/3 {_fmt(t['distinct_1'])}/{_fmt(t['distinct_2'])}/{_fmt(t['distinct_3'])}, "
           f"repetition {_fmt(t['repetition_4'])}")
