@@ -143,3 +143,35 @@ def test_muon_ddp_two_processes_match_one_process(tmp_path, small_data):
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
     assert [x["loss"] for x in read_log(one)] == pytest.approx([x["loss"] for x in read_log(two)], abs=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# The path GPU users get: torch.compile of the training model (eager on the CPU in `train`)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["gpt2", "llama+qk_norm"])
+def test_compiled_training_matches_eager_with_no_graph_break(layout):
+    """What `train` runs on CUDA (torch.compile of the model; the optimizers stay eager), here with
+    inductor on the CPU: fullgraph=True fails on any graph break in forward or backward."""
+    options = {} if layout == "gpt2" else dict(pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False,
+                                                qk_norm=True, tie_embeddings=False)
+    config = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64, dropout=0.0, **options)
+    data = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(optimizer="muon", learning_rate=3e-3, muon_lr=1e-2)
+    losses = {}
+    for mode in ("eager", "compiled"):
+        torch.manual_seed(0)
+        model = GPT(config)
+        optimizers = make_optimizers(model, cfg, torch.device("cpu"))
+        step = torch.compile(model, fullgraph=True) if mode == "compiled" else model
+        losses[mode] = []
+        for _ in range(3):
+            _, loss = step(data[:, :-1], data[:, 1:])
+            loss.backward()
+            for opt in optimizers.values():
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            losses[mode].append(loss.item())
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4, abs=1e-4)
+    assert losses["eager"][-1] < losses["eager"][0]

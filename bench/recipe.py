@@ -1,0 +1,222 @@
+"""The recipe ablation: train configurations side by side, at equal tokens or equal wall time, and
+score each on the test split (loss and bits per byte).
+
+    python bench/recipe.py --out out/recipe --steps 300 --only base,muon,muon+rope
+    python bench/recipe.py --out out/recipe --steps 1097 --equal time --seeds 1337,1338,1339 --only base,new
+
+Each run is the real `tinystories train` in its own process, then `tinystories evaluate` of its last
+checkpoint on the test split (every token with its story's context). `--steps` is the baseline's
+step count (1,097 is what 5 minutes give today's `tiny` on the 2-core build machine, the demo's
+budget); a configuration gets the steps that give it
+
+- `--equal tokens`: the baseline's tokens (steps scaled by tokens per step), or
+- `--equal time`: the baseline's training time. Speeds come from short probe runs of every
+  configuration, taken in turns (A, B, C, A, B, C, ...) so that a load that comes and goes on a
+  shared machine hits each alike; steps = baseline steps x (its tokens/s / the baseline's) x
+  (the baseline's tokens per step / its own). The training runs themselves may then run at any
+  speed: their results do not depend on it.
+
+Results go to OUT/results.jsonl (one line per run, appended, so an interrupted ablation keeps what
+it finished and a rerun skips it), a markdown table on stdout (mean and spread over seeds), and
+OUT/curves.png (val loss against tokens) through `tinystories plot`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, SHARED, machine, print_machine  # noqa: E402
+
+# Today's `tiny` recipe, every setting spelled out so that changing the preset does not change it.
+BASE = [
+    "--preset", "tiny", "--n-layer", "4", "--n-head", "6", "--n-embd", "192", "--block-size", "256",
+    "--dropout", "0", "--bias", "true", "--pos-embedding", "learned", "--norm", "layernorm", "--mlp", "gelu",
+    "--qk-norm", "false", "--tie-embeddings", "true", "--zero-init-proj", "false",
+    "--optimizer", "adamw", "--learning-rate", "2e-3", "--min-lr", "2e-4", "--warmup-steps", "30",
+    "--schedule", "cosine", "--weight-decay", "0.1", "--batch-size", "16", "--grad-accum", "1",
+]
+MUON = ["--optimizer", "muon", "--learning-rate", "4e-3", "--min-lr", "4e-4"]
+LLAMA = ["--pos-embedding", "rope", "--norm", "rmsnorm", "--mlp", "swiglu", "--bias", "false"]
+
+# name -> (extra flags on top of BASE, data set). Later flags win over earlier ones.
+CONFIGS: dict[str, tuple[list[str], str]] = {
+    "base": ([], "v2"),
+    "adamw-lr4e-3": (["--learning-rate", "4e-3", "--min-lr", "4e-4"], "v2"),
+    "adamw-lr8e-3": (["--learning-rate", "8e-3", "--min-lr", "8e-4"], "v2"),
+    "muon": (MUON, "v2"),
+    "muon-lr1e-2": (MUON + ["--muon-lr", "1e-2"], "v2"),
+    "muon-lr2e-2": (MUON + ["--muon-lr", "2e-2"], "v2"),
+    "muon-lr2e-2-adam8e-3": (MUON + ["--muon-lr", "2e-2", "--learning-rate", "8e-3", "--min-lr", "8e-4"], "v2"),
+    "muon+wsd": (MUON + ["--schedule", "wsd"], "v2"),
+    "muon+rope": (MUON + ["--pos-embedding", "rope"], "v2"),
+    "muon+rmsnorm": (MUON + ["--norm", "rmsnorm"], "v2"),
+    "muon+swiglu": (MUON + ["--mlp", "swiglu"], "v2"),
+    "muon+relu2": (MUON + ["--mlp", "relu2"], "v2"),
+    "muon+qk_norm": (MUON + ["--qk-norm", "true"], "v2"),
+    "muon+untied": (MUON + ["--tie-embeddings", "false"], "v2"),
+    "muon+zero_init": (MUON + ["--zero-init-proj", "true"], "v2"),
+    "muon+llama": (MUON + LLAMA, "v2"),
+    "muon+all-slices": (MUON, "all"),
+    "muon+6x192": (MUON + ["--n-layer", "6"], "v2"),
+    "muon+2x256": (MUON + ["--n-layer", "2", "--n-embd", "256", "--n-head", "4"], "v2"),
+    "muon+batch8": (MUON + ["--batch-size", "8"], "v2"),
+    "muon+batch32": (MUON + ["--batch-size", "32"], "v2"),
+    "muon+bpe-2048": (MUON, "v2-2048"),
+    "muon+bpe-8192": (MUON, "v2-8192"),
+}
+
+TRAIN_FILES = ["TinyStoriesV2-train.sample.txt"]
+ALL_TRAIN_FILES = ["TinyStories-train.head.txt", "TinyStoriesV2-train.head.txt", "TinyStoriesV2-train.sample.txt"]
+TEST_FILE = SHARED / "tinystories" / "TinyStoriesV2-valid.head.txt"  # the V2 validation slice
+DATASETS = {"v2": (TRAIN_FILES, 4096), "all": (ALL_TRAIN_FILES, 4096),
+            "v2-2048": (TRAIN_FILES, 2048), "v2-8192": (TRAIN_FILES, 8192)}
+
+
+def tinystories(*args, log: Path | None = None) -> None:
+    cmd = [sys.executable, "-m", "tinystories", *map(str, args)]
+    with open(log, "a") if log else open("/dev/null", "w") as f:
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    if r.returncode != 0:
+        sys.exit(f"recipe: `tinystories {' '.join(map(str, args[:2]))} ...` failed:\n{r.stderr[-2000:]}")
+
+
+def prepare(out: Path, name: str) -> Path:
+    """The data set `name`: the training slices in ../shared, the V2 validation slice as test."""
+    data = out / f"data-{name}"
+    if (data / "meta.json").is_file():
+        return data
+    files, vocab = DATASETS[name]
+    source = out / f"train-{name}"
+    source.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        link = source / f
+        if not link.exists():
+            link.symlink_to(SHARED / "tinystories" / f)
+    tinystories("prepare", "--source", source, "--test", TEST_FILE, "--tokenizer", f"bpe-{vocab}", "--out", data)
+    return data
+
+
+def last_record(run: Path) -> dict:
+    return json.loads((run / "log.jsonl").read_text().splitlines()[-1])
+
+
+def probe_speeds(out: Path, names: list[str], data: dict[str, Path], rounds: int) -> dict[str, float]:
+    """Tokens/s of each configuration from 8-step probe runs taken in turns (median over rounds)."""
+    speeds: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names:
+            run = out / "probes" / f"{name}-{r}"
+            subprocess.run(["rm", "-rf", str(run)])
+            flags, ds = CONFIGS[name]
+            tinystories("train", "--data", data[ds], "--out", run, *BASE, *flags, "--max-steps", 8,
+                        "--eval-interval", 1000, "--eval-tokens", 256, "--checkpoint-interval", 1000)
+            log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+            speeds[name].append(statistics.median(rec["tokens_per_s"] for rec in log[2:]))  # past warm-up
+            subprocess.run(["rm", "-rf", str(run)])
+    return {n: statistics.median(v) for n, v in speeds.items()}
+
+
+def tokens_per_step(name: str) -> int:
+    flags = BASE + CONFIGS[name][0]
+    value = lambda flag: int(flags[len(flags) - 1 - flags[::-1].index(flag) + 1])  # the last one given
+    return value("--batch-size") * value("--grad-accum") * value("--block-size")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="out/recipe", help="data, runs and results")
+    p.add_argument("--only", default=",".join(CONFIGS), help=f"comma-separated configurations: {', '.join(CONFIGS)}")
+    p.add_argument("--steps", type=int, default=1097, help="the baseline's optimizer steps")
+    p.add_argument("--baseline", default="base", help="the configuration the budget is measured in")
+    p.add_argument("--equal", choices=["tokens", "time"], default="tokens")
+    p.add_argument("--seeds", default="1337", help="comma-separated seeds; each configuration runs once per seed")
+    p.add_argument("--probe-rounds", type=int, default=3, help="--equal time: probe runs per configuration")
+    p.add_argument("--tag", default="", help="name of this ablation in results.jsonl (default: from the settings)")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [n.strip() for n in args.only.split(",")]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        sys.exit(f"recipe: unknown configuration(s) {unknown}; see --help")
+    if args.baseline not in names:
+        names.insert(0, args.baseline)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    tag = args.tag or f"{args.equal}-{args.steps}"
+    print(f"# recipe ablation {tag}", flush=True)
+    print_machine(machine())
+
+    data = {ds: prepare(out, ds) for ds in {CONFIGS[n][1] for n in names}}
+    steps = {n: args.steps * tokens_per_step(args.baseline) // tokens_per_step(n) for n in names}
+    speeds = None
+    if args.equal == "time":
+        speeds = probe_speeds(out, names, data, args.probe_rounds)
+        steps = {n: round(args.steps * speeds[n] / speeds[args.baseline] * tokens_per_step(args.baseline)
+                          / tokens_per_step(n)) for n in names}
+        print("probe speeds (tokens/s): " + ", ".join(f"{n} {speeds[n]:,.0f}" for n in names), flush=True)
+
+    results_file = out / "results.jsonl"
+    done = {(r["tag"], r["name"], r["seed"]) for r in map(json.loads, results_file.read_text().splitlines())} \
+        if results_file.exists() else set()
+    for i, seed in enumerate(seeds):
+        order = names if i % 2 == 0 else names[::-1]  # sides take turns going first
+        for name in order:
+            if (tag, name, seed) in done:
+                continue
+            flags, ds = CONFIGS[name]
+            run = out / "runs" / tag / f"{name}-s{seed}"
+            subprocess.run(["rm", "-rf", str(run)])
+            run.parent.mkdir(parents=True, exist_ok=True)
+            n = steps[name]
+            started = time.time()
+            tinystories("train", "--data", data[ds], "--out", run, *BASE, *flags, "--seed", seed, "--max-steps", n,
+                        "--eval-interval", max(25, n // 8), "--checkpoint-interval", n, "--eval-tokens", 1 << 16,
+                        "--log-interval", max(10, n // 10), log=run.parent / f"{name}-s{seed}.log")
+            train_s = time.time() - started
+            ev = run / "eval_test.json"
+            tinystories("evaluate", "--checkpoint", run / "checkpoints" / "last", "--data", data[ds],
+                        "--split", "test", "--json", ev, "--batch-size", 16)
+            e = json.loads(ev.read_text())
+            rec = last_record(run)
+            row = {"tag": tag, "name": name, "seed": seed, "steps": n, "tokens": n * tokens_per_step(name),
+                   "test_loss": e["loss"], "test_bpb": e["bits_per_byte"], "train_loss": rec["loss"],
+                   "val_loss": rec.get("val_loss"), "train_s": round(train_s, 1),
+                   "probe_tokens_per_s": speeds and speeds[name], "data": ds, "flags": flags,
+                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            with open(results_file, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{name:<24} seed {seed}: {n} steps, test loss {e['loss']:.4f}, {e['bits_per_byte']:.4f} bits/byte "
+                  f"(train {rec['loss']:.3f}; {train_s:.0f}s)", flush=True)
+
+    table(results_file, tag, names)
+    runs = [out / "runs" / tag / f"{n}-s{seeds[0]}" for n in names]
+    tinystories("plot", *runs, "--out", out / f"curves-{tag}.png")
+    print(f"curves: {out / f'curves-{tag}.png'}")
+
+
+def table(results_file: Path, tag: str, names: list[str]) -> None:
+    rows = [r for r in map(json.loads, results_file.read_text().splitlines()) if r["tag"] == tag]
+    by = {n: [r for r in rows if r["name"] == n] for n in names}
+    base = statistics.mean(r["test_bpb"] for r in by[names[0]])
+    print(f"\n| configuration | steps | seeds | test loss | test bits/byte | vs {names[0]} | train loss |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for n in names:
+        rs = by[n]
+        if not rs:
+            continue
+        bpb = [r["test_bpb"] for r in rs]
+        spread = f" ± {statistics.stdev(bpb):.4f}" if len(bpb) > 1 else ""
+        print(f"| {n} | {rs[0]['steps']} | {len(rs)} | {statistics.mean(r['test_loss'] for r in rs):.4f} | "
+              f"{statistics.mean(bpb):.4f}{spread} | {statistics.mean(bpb) / base:.3f}x | "
+              f"{statistics.mean(r['train_loss'] for r in rs):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
