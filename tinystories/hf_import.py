@@ -8,10 +8,11 @@
 
 The paper's released models (roneneldan/TinyStories-1M ... -33M, -1Layer-21M, -2Layers-33M and
 the Instruct variants) are GPT-Neo; GPT-2 folders (GPT2LMHeadModel, e.g. our own exports) import
-too, and so do Llama (LlamaForCausalLM: the llama2.c TinyStories models in HF format, our Llama
-exports) and Qwen3 (Qwen3ForCausalLM) folders with one k/v head per query head. A repo id is fetched with `huggingface_hub.snapshot_download` (an optional dependency;
-`HF_ENDPOINT` and `HF_HUB_OFFLINE` apply); without the Hub, download the folder elsewhere and
-pass its path.
+too, and so do Llama (LlamaForCausalLM: our Llama exports; the llama2.c TinyStories models in HF
+format have a config and weights we read, but a SentencePiece tokenizer we do not) and Qwen3
+(Qwen3ForCausalLM) folders with one k/v head per query head. A repo id is fetched with
+`huggingface_hub.snapshot_download` (an optional dependency; `HF_ENDPOINT` and `HF_HUB_OFFLINE`
+apply); without the Hub, download the folder elsewhere and pass its path.
 
 What is read, and how:
   config.json         GPTNeoConfig / GPT2Config / LlamaConfig / Qwen3Config fields -> ModelConfig.
@@ -345,7 +346,8 @@ def state_dict_from_hf(hf_weights: dict, cfg: ModelConfig, architecture: str, wh
     ours = _from_llama(hf, cfg, where) if architecture in ("Llama", "Qwen3") else _from_gpt(hf, cfg, architecture)
     if cfg.tie_embeddings:  # transformers ties lm_head to the embedding; a file that says otherwise is suspect
         lm_head = ours.pop("lm_head.weight", None)
-        if lm_head is not None and "transformer.wte.weight" in ours and not torch.equal(lm_head, ours["transformer.wte.weight"]):
+        wte = ours.get("transformer.wte.weight")
+        if lm_head is not None and wte is not None and not torch.equal(lm_head, wte):
             raise UserError(f"{where}: lm_head.weight differs from the token embedding, but config.json says "
                             "tie_word_embeddings true")
     for name in list(ours):
