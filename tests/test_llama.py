@@ -375,3 +375,22 @@ def test_import_refuses_what_we_cannot_hold(tmp_path, kind, changes, message, re
     err = capfd.readouterr().err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "ckpt").exists()
+
+
+# -----------------------------------------------------------------------------
+# Fine-tuning an imported model
+
+
+def test_init_from_takes_an_imported_llama_at_a_shorter_context(tmp_path, bpe, stories):
+    """train --init-from's weights (train.initial_weights) for a RoPE model: nothing to crop, and the
+    shorter model computes what the checkpoint does on the positions both have."""
+    from tinystories.train import initial_weights
+
+    hf = random_hf("llama", bpe.vocab_size, tie=False)
+    import_hf(save_hf(hf, tmp_path / "hf", bpe), tmp_path / "ckpt")
+    ckpt = load_checkpoint(tmp_path / "ckpt")
+    short = GPT(dataclasses.replace(ckpt.model_config, block_size=32)).eval()
+    short.load_state_dict(initial_weights(tmp_path / "ckpt", 32))
+    idx = text_batch(bpe, stories, T=32)
+    with torch.no_grad():
+        assert torch.equal(short(idx)[0], ckpt.model(idx)[0])
