@@ -206,7 +206,7 @@ def hf_family(cfg) -> str:
         llama.append("qkv_bias=true")
     if any(cfg.is_local(i) for i in range(cfg.n_layer)):  # Llama/Qwen3 attend globally everywhere
         llama.append("local attention layers")
-    if not cfg.scale_attention:  # Llama scales by 1/sqrt(head_dim), and with qk_norm it cannot be folded in
+    if not cfg.scale_attention:  # Llama always scales by 1/sqrt(head_dim) (folding it into q is not done here)
         llama.append("scale_attention=false")
     if not gpt2:
         if is_neo(cfg) and (cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias):
@@ -221,7 +221,7 @@ def hf_family(cfg) -> str:
 
 
 def _differences(cfg, layout: dict) -> list[str]:
-    """"name=value" for each option of `cfg` that is not what `layout` needs."""
+    """Each option of `cfg` that is not what `layout` needs, as "name=value"."""
     return [f"{name}={str(getattr(cfg, name)).lower()}" for name, wanted in layout.items()
             if getattr(cfg, name) != wanted]
 
