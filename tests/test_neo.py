@@ -292,9 +292,9 @@ def test_import_refusals(tmp_path, hf_tokenizer_dir, capfd, monkeypatch):
     no_tok.mkdir()
     for name in ("config.json", "model.safetensors"):
         (no_tok / name).write_bytes((hf_dir / name).read_bytes())
-    llama = tmp_path / "llama"
-    llama.mkdir()
-    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    mistral = tmp_path / "mistral"  # llama and qwen3 import now (tests/test_llama.py); mistral does not
+    mistral.mkdir()
+    (mistral / "config.json").write_text(json.dumps({"model_type": "mistral"}))
     relu = tmp_path / "relu"
     relu.mkdir()
     (relu / "config.json").write_text(json.dumps({**json.loads((hf_dir / "config.json").read_text()),
@@ -308,7 +308,7 @@ def test_import_refusals(tmp_path, hf_tokenizer_dir, capfd, monkeypatch):
         ("roneneldan/TinyStories-1M", "could not download roneneldan/TinyStories-1M"),  # HF_HUB_OFFLINE=1
         (other_tok, "not GPT-2's"),
         (no_tok, "--tokenizer gpt2"),
-        (llama, "model_type 'llama' is not supported"),
+        (mistral, "model_type 'mistral' is not supported"),
         (relu, "activation_function gelu_new"),
     ]
     for source, message in cases:

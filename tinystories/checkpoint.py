@@ -39,7 +39,7 @@ FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TRAINER_STATE = "trainer_state.pt"
-TIED = "lm_head.weight"  # same tensor as transformer.wte.weight; stored once
+TIED = "lm_head.weight"  # with tie_embeddings, the same tensor as transformer.wte.weight: stored once
 
 
 @dataclass
@@ -68,7 +68,9 @@ def save_checkpoint(folder, model: GPT, tokenizer: Tokenizer, *, step: int = 0, 
 
     model = getattr(model, "_orig_mod", model)  # never save a torch.compile wrapper's key names
     model = getattr(model, "module", model)  # nor DDP's
-    weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k != TIED}
+    # an untied output layer (tie_embeddings=False) is a matrix of its own and must be stored
+    tied = model.config.tie_embeddings
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if not (tied and k == TIED)}
     data = save(weights, metadata={"format": FORMAT})
     (tmp / WEIGHTS).write_bytes(data)
     tokenizer.save(tmp)
@@ -175,7 +177,8 @@ def load_checkpoint(path, device="cpu") -> Checkpoint:
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{folder / WEIGHTS} is truncated or corrupted ({e})") from None
     with torch.device("meta"):  # shapes only: a config.json that is not ours must not allocate anything
-        expected = {k: v.shape for k, v in GPT(model_config).state_dict().items() if k != TIED}
+        expected = {k: v.shape for k, v in GPT(model_config).state_dict().items()
+                    if not (model_config.tie_embeddings and k == TIED)}
     got = {k: v.shape for k, v in weights.items()}
     if expected != got:
         missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))

@@ -220,8 +220,10 @@ def _add_export(sub) -> None:
     p = sub.add_parser(
         "export", formatter_class=_Formatter, help="write a Hugging Face transformers model folder",
         description=(
-            "Export to GPT2LMHeadModel format (config.json, model.safetensors, generation_config.json, "
-            "tokenizer files, README.md model card): loadable by transformers' Auto classes with no code of ours."
+            "Export as GPT2LMHeadModel, GPTNeoForCausalLM, LlamaForCausalLM or Qwen3ForCausalLM, whichever holds "
+            "the model's layout (config.json, model.safetensors, generation_config.json, tokenizer files, README.md "
+            "model card): loadable by transformers' Auto classes with no code of ours. A layout none of them holds "
+            "is refused."
         ),
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its best checkpoint)")
@@ -270,10 +272,12 @@ def _add_serve(sub) -> None:
 def _add_import(sub) -> None:
     p = sub.add_parser(
         "import", formatter_class=_Formatter,
-        help="turn a Hugging Face GPT-Neo or GPT-2 model (e.g. the paper's TinyStories-33M) into a checkpoint",
+        help="turn a Hugging Face GPT-Neo, GPT-2, Llama or Qwen3 model (e.g. the paper's TinyStories-33M) into a "
+             "checkpoint",
         description=(
             "Read a transformers model folder (config.json, model.safetensors or pytorch_model.bin, tokenizer "
-            "files) of a GPTNeoForCausalLM (the paper's released TinyStories models) or GPT2LMHeadModel, and "
+            "files) of a GPTNeoForCausalLM (the paper's released TinyStories models), GPT2LMHeadModel, "
+            "LlamaForCausalLM or Qwen3ForCausalLM, and "
             "write a checkpoint that evaluate, generate, serve, export and train --init-from use like any other. "
             "GPT-2's vocabulary becomes the gpt2 tokenizer (the same as `prepare --tokenizer gpt2`)."
         ),

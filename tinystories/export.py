@@ -1,5 +1,6 @@
-"""Export a checkpoint as a Hugging Face `transformers` model folder (GPT2LMHeadModel format, or
-GPTNeoForCausalLM for GPT-Neo models: see "GPT-Neo" below).
+"""Export a checkpoint as a Hugging Face `transformers` model folder: GPT2LMHeadModel, or
+GPTNeoForCausalLM for GPT-Neo models, LlamaForCausalLM or Qwen3ForCausalLM for the Llama layout
+(see "Which class" below).
 
     tinystories export --checkpoint runs/tiny --out hf/tiny-stories
     export_hf("runs/tiny", "hf/tiny-stories")     # the same, from Python; returns the folder
@@ -10,11 +11,12 @@ The folder loads with no code of ours:
     tok = transformers.AutoTokenizer.from_pretrained("hf/tiny-stories")
 
 What it holds:
-    config.json              GPT2Config fields (gelu_new, LayerNorm eps 1e-5, tied embeddings), plus a
-                             `tinystories` entry saying where it came from (also how we recognise our
-                             own exports)
-    model.safetensors        HF key names; the tied lm_head.weight is not stored (transformers re-ties
-                             it, as its own save_pretrained does); Linear weights transposed to Conv1D
+    config.json              the class's config fields (GPT-2: gelu_new, the model's LayerNorm eps,
+                             tied or untied embeddings), plus a `tinystories` entry saying where it
+                             came from (also how we recognise our own exports)
+    model.safetensors        HF key names; a tied lm_head.weight is not stored (transformers re-ties
+                             it, as its own save_pretrained does); GPT-2's Linear weights transposed
+                             to Conv1D
     generation_config.json   the defaults of `tinystories generate`: sampling at temperature 0.8,
                              top-p 0.95, no top-k (top_k 0, else transformers would apply 50),
                              stop at end-of-text, 200 new tokens but at most half the context
@@ -37,6 +39,23 @@ v_proj, c_proj becomes out_proj, and attention_layers is written in GPT-Neo's ru
 scale_attention=True) has 1/sqrt(head_dim) folded into q_proj, which computes the same function.
 GPT-Neo has no q/k/v biases: a model with them is refused. Importing a GPT-Neo model and exporting
 it gives back identical tensors (tests/test_neo.py).
+
+Which class. The layout decides (hf_family), and anything no class computes exactly is refused with
+one line naming the options in the way:
+  - learned positions, LayerNorm, GELU, no qk_norm: GPT2LMHeadModel, or GPTNeoForCausalLM (above).
+  - rope, rmsnorm, swiglu, no biases, global scaled attention: LlamaForCausalLM; with qk_norm,
+    Qwen3ForCausalLM (its q_norm/k_norm are per-head RMSNorms before the rotation, as ours).
+  - anything else (relu2, RoPE with LayerNorm or GELU, learned positions with RMSNorm, biases with
+    RoPE, qk_norm without the rest of the Qwen3 layout, ...) has no class to go to.
+Untied output layers (tie_embeddings=false) are written as lm_head.weight with tie_word_embeddings
+false, in every family; zero_init_proj only changes the initialisation, so it needs nothing.
+
+Llama and Qwen3. The key map is llama_key_map: c_attn (rows q, k, v) splits into q_proj, k_proj,
+v_proj, c_fc (rows gate, up) into gate_proj, up_proj, c_proj becomes o_proj / down_proj, ln_1 / ln_2
+input_layernorm / post_attention_layernorm, ln_f model.norm, wte model.embed_tokens. Our RoPE is
+Hugging Face's convention (rotate_half, the pair (i, i + head_dim/2)), so q and k need no
+permutation. num_key_value_heads = num_attention_heads, and head_dim is always written (Qwen3's
+default of 128 is not hidden_size / heads).
 
 Choices about `--out`:
   - The folder is written to a temporary sibling and renamed into place, so a failed export never
@@ -90,6 +109,7 @@ def export_hf(checkpoint_path, out_dir) -> Path:
     _check_out(out)  # before loading, so a mistyped --out fails fast
     ckpt = load_checkpoint(checkpoint_path, device="cpu")
     model, tokenizer = ckpt.model, ckpt.tokenizer
+    family = hf_family(model.config)  # refuses a layout no class holds, before anything is written
 
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):  # left by an export that was killed
@@ -98,12 +118,12 @@ def export_hf(checkpoint_path, out_dir) -> Path:
     tmp.mkdir()
     try:
         # bytes, then write: safetensors' save_file makes the file private (0600); an export is for sharing
-        neo = is_neo(model.config)
-        state = neo_state_dict(model) if neo else hf_state_dict(model)
+        state_dict, config = WRITERS[family]
+        state = state_dict(model)
         weights = safetensors_bytes(state, metadata={"format": "pt"})  # "pt": transformers checks it
         (tmp / "model.safetensors").write_bytes(weights)
         del weights, state
-        config = (neo_config if neo else hf_config)(model.config, tokenizer.eot_id, ckpt.config)
+        config = config(model.config, tokenizer.eot_id, ckpt.config)
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "generation_config.json", generation_config(tokenizer.eot_id, model.config.block_size))
         for name, data in tokenizer_files(tokenizer, model.config.block_size).items():
@@ -162,7 +182,52 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Weights and config
+# Which Hugging Face class holds the model
+
+
+# Each family's layout: the ModelConfig values its HF class computes (anything else it cannot hold).
+# Bias is absent from GPT-2's: a model without biases exports zero biases, which change nothing.
+GPT2_LAYOUT = {"pos_embedding": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False}
+LLAMA_LAYOUT = {"pos_embedding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}
+LAYOUT_NEEDS = ("GPT-2/GPT-Neo need pos_embedding=learned, norm=layernorm, mlp=gelu, qk_norm=false; "
+                "Llama needs pos_embedding=rope, norm=rmsnorm, mlp=swiglu, bias=false, qkv_bias=false, "
+                "scale_attention=true, no local layers (Qwen3: the same with qk_norm=true)")
+
+
+def hf_family(cfg) -> str:
+    """The HF model_type that computes exactly what model `cfg` does: gpt2, gpt_neo, llama or qwen3.
+
+    Anything else is refused with one line naming the options in the way (compared with the nearer
+    of the two families, so the list is short).
+    """
+    gpt2 = _differences(cfg, GPT2_LAYOUT)
+    llama = _differences(cfg, LLAMA_LAYOUT)
+    if cfg.qkv_bias:  # Llama's attention_bias would also give o_proj a bias; ours has none when bias=false
+        llama.append("qkv_bias=true")
+    if any(cfg.is_local(i) for i in range(cfg.n_layer)):  # Llama/Qwen3 attend globally everywhere
+        llama.append("local attention layers")
+    if not cfg.scale_attention:  # Llama always scales by 1/sqrt(head_dim) (folding it into q is not done here)
+        llama.append("scale_attention=false")
+    if not gpt2:
+        if is_neo(cfg) and (cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias):
+            raise UserError("GPT-Neo has no q/k/v biases, and this model has them: it cannot be exported as "
+                            "GPT-Neo (train with --qkv-bias false)")
+        return "gpt_neo" if is_neo(cfg) else "gpt2"
+    if not llama:
+        return "qwen3" if cfg.qk_norm else "llama"
+    nearer = gpt2 if len(gpt2) < len(llama) else llama
+    raise UserError(f"export: no Hugging Face class tinystories writes holds this layout ({', '.join(nearer)}); "
+                    f"{LAYOUT_NEEDS}")
+
+
+def _differences(cfg, layout: dict) -> list[str]:
+    """Each option of `cfg` that is not what `layout` needs, as "name=value"."""
+    return [f"{name}={str(getattr(cfg, name)).lower()}" for name, wanted in layout.items()
+            if getattr(cfg, name) != wanted]
+
+
+# -----------------------------------------------------------------------------
+# Weights and config (GPT-2)
 
 
 def hf_state_dict(model) -> dict:
@@ -171,12 +236,15 @@ def hf_state_dict(model) -> dict:
 
     cfg = model.config
     ours = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
-    ours.pop("lm_head.weight")  # tied to transformer.wte.weight; transformers re-ties it on load
+    if cfg.tie_embeddings:
+        ours.pop("lm_head.weight")  # tied to transformer.wte.weight; transformers re-ties it on load
     names = ["transformer.wte.weight", "transformer.wpe.weight"]
     for i in range(cfg.n_layer):
         for module in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"):
             names += [f"transformer.h.{i}.{module}.weight", f"transformer.h.{i}.{module}.bias"]
     names += ["transformer.ln_f.weight", "transformer.ln_f.bias"]
+    if not cfg.tie_embeddings:
+        names.append("lm_head.weight")  # a matrix of its own (tie_word_embeddings false)
 
     hf = {}
     for name in names:
@@ -205,23 +273,28 @@ def hf_config(cfg, eot_id: int, checkpoint_config: dict) -> dict:
         "n_embd": cfg.n_embd,
         "n_layer": cfg.n_layer,
         "n_head": cfg.n_head,
-        "n_inner": None,  # = 4 * n_embd, as ours
+        "n_inner": _inner(cfg),
         "activation_function": "gelu_new",  # tanh-approximated GELU
         "resid_pdrop": cfg.dropout,
         "embd_pdrop": cfg.dropout,
         "attn_pdrop": cfg.dropout,
-        "layer_norm_epsilon": 1e-5,  # torch.nn.LayerNorm's default, which our model uses
+        "layer_norm_epsilon": cfg.norm_eps,
         "initializer_range": 0.02,
         "scale_attn_weights": True,  # 1/sqrt(head_dim), as SDPA
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": cfg.tie_embeddings,
         "bos_token_id": eot_id,
         "eos_token_id": eot_id,
         "use_cache": True,
         "dtype": "float32",
         "tinystories": _provenance(checkpoint_config),
     }
+
+
+def _inner(cfg) -> int | None:
+    """GPT-2's n_inner / GPT-Neo's intermediate_size: None (= 4 x width, written so for the usual MLP)."""
+    return None if cfg.hidden_size == 4 * cfg.n_embd else cfg.hidden_size
 
 
 def _provenance(checkpoint_config: dict) -> dict:
@@ -251,12 +324,9 @@ def neo_state_dict(model) -> dict:
 
     import torch
 
-    cfg = model.config
-    if model.transformer.h[0].attn.c_attn.bias is not None:
-        raise UserError("GPT-Neo has no q/k/v biases, and this model has them: it cannot be exported as "
-                        "GPT-Neo (train with --qkv-bias false)")
+    cfg = model.config  # hf_family refused q/k/v biases: GPT-Neo has none
     ours = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
-    ours.pop("lm_head.weight")  # tied, as in GPT-2's export
+    lm_head = ours.pop("lm_head.weight")  # tied, as in GPT-2's export, or a matrix of its own
     hf = {}
     for name in ["transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "transformer.ln_f.bias"]:
         hf[name] = ours.pop(name, None)
@@ -271,6 +341,8 @@ def neo_state_dict(model) -> dict:
                                    ("mlp.c_fc", "mlp.c_fc"), ("mlp.c_proj", "mlp.c_proj")):
             hf[f"{p}.{hf_name}.weight"] = ours.pop(f"{p}.{ours_name}.weight")
             hf[f"{p}.{hf_name}.bias"] = ours.pop(f"{p}.{ours_name}.bias", None)
+    if not cfg.tie_embeddings:
+        hf["lm_head.weight"] = lm_head
     for name, tensor in hf.items():
         if tensor is None:  # bias=False model: GPT-Neo always has these biases, and zero changes nothing
             tensor = torch.zeros(hf[name.removesuffix(".bias") + ".weight"].shape[0])
@@ -303,20 +375,113 @@ def neo_config(cfg, eot_id: int, checkpoint_config: dict) -> dict:
         "num_heads": cfg.n_head,
         "attention_types": attention_types(layers),
         "window_size": cfg.window_size,
-        "intermediate_size": None,  # = 4 * hidden_size, as ours
+        "intermediate_size": _inner(cfg),
         "activation_function": "gelu_new",  # tanh-approximated GELU
         "resid_dropout": cfg.dropout,
         "embed_dropout": cfg.dropout,
         "attention_dropout": cfg.dropout,
-        "layer_norm_epsilon": 1e-5,  # torch.nn.LayerNorm's default, which our model uses
+        "layer_norm_epsilon": cfg.norm_eps,
         "initializer_range": 0.02,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": cfg.tie_embeddings,
         "bos_token_id": eot_id,
         "eos_token_id": eot_id,
         "use_cache": True,
         "dtype": "float32",
         "tinystories": _provenance(checkpoint_config),
     }
+
+
+# -----------------------------------------------------------------------------
+# Llama and Qwen3 (see the module docstring)
+
+
+def llama_key_map(cfg) -> list[tuple[str, list[str]]]:
+    """(our parameter name, its LlamaForCausalLM / Qwen3ForCausalLM names) for model `cfg`.
+
+    One of ours with several HF names is those tensors stacked along dim 0 (nn.Linear rows):
+    c_attn is q, k, v (our attention splits it in that order) and c_fc is gate, up (our SwiGLU
+    chunks it so). Both directions use this map: export splits, import (hf_import.py) stacks.
+    """
+    keys = [("transformer.wte.weight", ["model.embed_tokens.weight"])]
+    for i in range(cfg.n_layer):
+        ours, hf = f"transformer.h.{i}.", f"model.layers.{i}."
+        keys += [
+            (ours + "ln_1.weight", [hf + "input_layernorm.weight"]),
+            (ours + "attn.c_attn.weight", [hf + f"self_attn.{x}_proj.weight" for x in "qkv"]),
+            (ours + "attn.c_proj.weight", [hf + "self_attn.o_proj.weight"]),
+            (ours + "ln_2.weight", [hf + "post_attention_layernorm.weight"]),
+            (ours + "mlp.c_fc.weight", [hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"]),
+            (ours + "mlp.c_proj.weight", [hf + "mlp.down_proj.weight"]),
+        ]
+        if cfg.qk_norm:  # Qwen3: per-head RMSNorm of q and k before the rotation, as ours
+            keys += [(ours + "attn.q_norm.weight", [hf + "self_attn.q_norm.weight"]),
+                     (ours + "attn.k_norm.weight", [hf + "self_attn.k_norm.weight"])]
+    keys.append(("transformer.ln_f.weight", ["model.norm.weight"]))
+    if not cfg.tie_embeddings:  # tied: transformers re-ties lm_head to embed_tokens on load
+        keys.append(("lm_head.weight", ["lm_head.weight"]))
+    return keys
+
+
+def llama_state_dict(model) -> dict:
+    """Our GPT's weights under LlamaForCausalLM's (or Qwen3ForCausalLM's) names: no transposes."""
+    ours = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        ours.pop("lm_head.weight")
+    hf = {}
+    for name, hf_names in llama_key_map(model.config):
+        # equal parts: q, k, v are n_embd rows each, gate and up hidden_size rows each
+        for hf_name, part in zip(hf_names, ours.pop(name).chunk(len(hf_names), dim=0)):
+            hf[hf_name] = part.contiguous()
+    if ours:  # a parameter the map does not know would be silently lost
+        raise RuntimeError(f"export does not know where to put {sorted(ours)}")
+    return hf
+
+
+def llama_config(cfg, eot_id: int, checkpoint_config: dict) -> dict:
+    """config.json of a LlamaForCausalLM equal to our model `cfg`, or Qwen3ForCausalLM with qk_norm."""
+    qwen3 = cfg.qk_norm
+    config = {
+        "architectures": ["Qwen3ForCausalLM" if qwen3 else "LlamaForCausalLM"],
+        "model_type": "qwen3" if qwen3 else "llama",
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.block_size,
+        "hidden_size": cfg.n_embd,
+        "intermediate_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_head,  # one k/v head per query head: no grouped-query attention
+        "head_dim": cfg.head_dim,  # Qwen3's default is 128, not hidden_size / heads: always written
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        # plain RoPE, no scaling; transformers 5 reads rope_parameters, earlier versions rope_theta
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "attention_bias": False,
+        # HF drops only attention weights; ours also drops on the residual branches (training only)
+        "attention_dropout": cfg.dropout,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "use_cache": True,
+        "dtype": "float32",
+    }
+    if qwen3:  # every layer full attention (Qwen3's sliding window is off unless use_sliding_window)
+        config.update({"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layer,
+                       "layer_types": ["full_attention"] * cfg.n_layer})
+    else:
+        config.update({"mlp_bias": False, "pretraining_tp": 1})
+    config["tinystories"] = _provenance(checkpoint_config)
+    return config
+
+
+# The state dict and config.json writers of each family (hf_family says which).
+WRITERS = {
+    "gpt2": (hf_state_dict, hf_config),
+    "gpt_neo": (neo_state_dict, neo_config),
+    "llama": (llama_state_dict, llama_config),
+    "qwen3": (llama_state_dict, llama_config),
+}
 
 
 def generation_config(eot_id: int, block_size: int) -> dict:
@@ -388,19 +553,29 @@ def model_card(model, tokenizer, checkpoint_config: dict) -> str:
     skip = {"format", "format_version", "model", "tokenizer", "step", "val_loss"}
     extra = [f"| {k} | {v} |" for k, v in checkpoint_config.items()
              if k not in skip and isinstance(v, (int, float, str, bool))]
-    neo = is_neo(cfg)
-    if neo:
+    tag = hf_family(cfg)
+    mlp = "4x MLP" if cfg.hidden_size == 4 * cfg.n_embd else f"MLP {cfg.hidden_size} wide"
+    if tag == "gpt_neo":
         kinds = sorted(set("local" if cfg.is_local(i) else "global" for i in range(cfg.n_layer)))
-        family, tag = "GPT-Neo", "gpt_neo"
+        family = "GPT-Neo"
         architecture = (f"GPT-Neo (`GPTNeoForCausalLM`): learned positions, pre-LayerNorm, {' and '.join(kinds)} "
-                        f"attention (local window {cfg.window_size}), unscaled attention scores, tanh-GELU, 4x MLP")
+                        f"attention (local window {cfg.window_size}), unscaled attention scores, tanh-GELU, {mlp}")
         how = ("a renaming of the checkpoint's weights plus a split of the fused q/k/v matrix into GPT-Neo's "
                "q_proj/k_proj/v_proj")
-    else:
-        family, tag = "GPT-2", "gpt2"
-        architecture = "GPT-2 (`GPT2LMHeadModel`): learned positions, pre-LayerNorm, tanh-GELU, 4x MLP"
+    elif tag == "gpt2":
+        family = "GPT-2"
+        architecture = f"GPT-2 (`GPT2LMHeadModel`): learned positions, pre-LayerNorm, tanh-GELU, {mlp}"
         how = ("a renaming of the checkpoint's weights plus a transpose of the attention and MLP matrices "
                "(GPT-2's Conv1D layout)")
+    else:
+        family = "Qwen3" if tag == "qwen3" else "Llama"
+        architecture = (f"{family} (`{family}ForCausalLM`): RoPE (theta {cfg.rope_theta:g}), pre-RMSNorm, "
+                        + ("RMSNorm on each head's queries and keys, " if tag == "qwen3" else "")
+                        + f"SwiGLU MLP {cfg.hidden_size} wide, no biases")
+        how = ("a renaming of the checkpoint's weights plus a split of the fused q/k/v matrix into q_proj/k_proj/"
+               "v_proj and of the fused SwiGLU input matrix into gate_proj/up_proj")
+    output = "token embedding tied to the output layer, counted once" if cfg.tie_embeddings else \
+        "separate output layer"
     imported = checkpoint_config.get("imported_from")
     origin = (f"Imported from `{imported.get('source')}` with `tinystories import`, then trained and exported with "
               f"tinystories {__version__}" if isinstance(imported, dict) else
@@ -440,7 +615,7 @@ def model_card(model, tokenizer, checkpoint_config: dict) -> str:
         f"| layers x heads x width | {cfg.n_layer} x {cfg.n_head} x {cfg.n_embd} |",
         f"| context | {cfg.block_size} tokens |",
         f"| vocabulary | {cfg.vocab_size:,} tokens |",
-        f"| parameters | {total:,} (token embedding tied to the output layer, counted once) |",
+        f"| parameters | {total:,} ({output}) |",
         f"| non-embedding parameters | {non_embedding:,} |",
         f"| dropout | {cfg.dropout} |",
         "",

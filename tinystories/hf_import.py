@@ -1,4 +1,4 @@
-"""`tinystories import`: a Hugging Face GPT-Neo or GPT-2 model becomes a tinystories checkpoint.
+"""`tinystories import`: a Hugging Face GPT-Neo, GPT-2, Llama or Qwen3 model becomes a tinystories checkpoint.
 
     tinystories import --from roneneldan/TinyStories-33M --out ckpt/ts-33m   # from the Hub
     tinystories import --from ~/models/TinyStories-33M --out ckpt/ts-33m     # a downloaded folder
@@ -8,17 +8,23 @@
 
 The paper's released models (roneneldan/TinyStories-1M ... -33M, -1Layer-21M, -2Layers-33M and
 the Instruct variants) are GPT-Neo; GPT-2 folders (GPT2LMHeadModel, e.g. our own exports) import
-too. A repo id is fetched with `huggingface_hub.snapshot_download` (an optional dependency;
-`HF_ENDPOINT` and `HF_HUB_OFFLINE` apply); without the Hub, download the folder elsewhere and
-pass its path.
+too, and so do Llama (LlamaForCausalLM: our Llama exports; the llama2.c TinyStories models in HF
+format have a config and weights we read, but a SentencePiece tokenizer we do not) and Qwen3
+(Qwen3ForCausalLM) folders with one k/v head per query head. A repo id is fetched with
+`huggingface_hub.snapshot_download` (an optional dependency; `HF_ENDPOINT` and `HF_HUB_OFFLINE`
+apply); without the Hub, download the folder elsewhere and pass its path.
 
 What is read, and how:
-  config.json         GPTNeoConfig / GPT2Config fields -> ModelConfig. GPT-Neo: `attention_types`
-                      ([[["global", "local"], 4]]) expands to one entry per layer, window_size,
-                      max_position_embeddings -> block_size (2,048 for the released models), no
-                      attention scaling, no q/k/v bias. Anything our model cannot compute exactly
-                      (another activation, LayerNorm eps, MLP width, untied output layer, ...) is
-                      refused with one line rather than imported approximately.
+  config.json         GPTNeoConfig / GPT2Config / LlamaConfig / Qwen3Config fields -> ModelConfig.
+                      GPT-Neo: `attention_types` ([[["global", "local"], 4]]) expands to one entry
+                      per layer, window_size, max_position_embeddings -> block_size (2,048 for the
+                      released models), no attention scaling, no q/k/v bias. Llama / Qwen3: RoPE
+                      (rope_theta), RMSNorm (rms_norm_eps), SwiGLU (intermediate_size), no biases,
+                      Qwen3 with qk_norm. LayerNorm eps, MLP width and untied output layers carry
+                      over. Anything our model cannot compute exactly (another activation,
+                      grouped-query attention, RoPE scaling, a head_dim other than hidden/heads,
+                      biases in Llama/Qwen3, Qwen3's sliding window, ...) is refused with one line
+                      rather than imported approximately.
   weights             model.safetensors (or shards listed in model.safetensors.index.json), else
                       pytorch_model.bin (or its shards) read with torch.load(weights_only=True):
                       tensors only, never unpickled code. Stored as fp32.
@@ -33,12 +39,14 @@ What is read, and how:
 Key map. GPT-Neo's separate q_proj / k_proj / v_proj (nn.Linear, (out, in)) are stacked into our
 fused c_attn (q, k, v in that order, as our attention splits it); out_proj is c_proj; ln_1, ln_2,
 mlp.c_fc, mlp.c_proj, wte, wpe, ln_f keep their names. GPT-2's Conv1D weights are transposed to
-nn.Linear. Buffers of old transformers versions (attention masks) are skipped; the tied lm_head
-must equal wte.
+nn.Linear. Llama / Qwen3 use export.llama_key_map backwards: q/k/v_proj stacked into c_attn,
+gate/up_proj into c_fc. Buffers of old transformers versions (attention masks, RoPE frequencies)
+are skipped; a tied lm_head must equal the token embedding, an untied one must be there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -57,7 +65,8 @@ HUB_PATTERNS = [
     "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
 ]
 # Buffers older transformers versions saved beside the weights: causal masks, not parameters.
-BUFFERS = (".attn.attention.bias", ".attn.attention.masked_bias", ".attn.bias", ".attn.masked_bias")
+BUFFERS = (".attn.attention.bias", ".attn.attention.masked_bias", ".attn.bias", ".attn.masked_bias",
+           ".rotary_emb.inv_freq")  # RoPE frequencies (Llama before transformers 4.35), computed from rope_theta
 # HF GPT-2's Conv1D layers store (in, out); ours are nn.Linear (out, in).
 GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")  # both are 0.5x(1 + tanh(...)), = F.gelu(approximate="tanh")
@@ -94,7 +103,7 @@ def import_hf(source, out, *, tokenizer: str = "auto", revision: str | None = No
     hf_weights, files = read_hf_weights(folder)
     ours = state_dict_from_hf(hf_weights, model_cfg, architecture, where=folder)
     model = GPT(model_cfg)
-    model.load_state_dict(ours, strict=False)  # strict=False: lm_head is tied to wte, not in `ours`
+    model.load_state_dict(ours, strict=False)  # strict=False: a tied lm_head is wte, not in `ours`
     provenance = {
         "source": str(source), "revision": revision, "architecture": architecture,
         "transformers_version": hf.get("transformers_version"), "files": files,
@@ -156,14 +165,17 @@ def expand_attention_types(attention_types) -> list[str]:
 
 
 def model_config_from_hf(hf: dict, where="config.json") -> tuple[str, ModelConfig]:
-    """("GPT-Neo" or "GPT-2", our config) for a transformers config dict; refuse what we cannot compute."""
+    """("GPT-Neo", "GPT-2", "Llama" or "Qwen3", our config) for a transformers config dict; refuse
+    what we cannot compute."""
     model_type = hf.get("model_type")
     if model_type == "gpt_neo":
         return "GPT-Neo", _neo_config(hf, where)
     if model_type == "gpt2":
         return "GPT-2", _gpt2_config(hf, where)
+    if model_type in LLAMA_DEFAULTS:
+        return ("Qwen3" if model_type == "qwen3" else "Llama"), _llama_config(hf, model_type, where)
     raise UserError(f"{where}: model_type {model_type!r} is not supported; tinystories imports gpt_neo "
-                    "(the TinyStories models) and gpt2")
+                    "(the TinyStories models), gpt2, llama and qwen3")
 
 
 def _require(where, checks: dict) -> None:
@@ -180,9 +192,6 @@ def _neo_config(hf: dict, where) -> ModelConfig:
     layers = expand_attention_types(hf.get("attention_types") or [[["global", "local"], 12]])
     _require(where, {
         "activation_function gelu_new": hf.get("activation_function", "gelu_new") in TANH_GELU,
-        "intermediate_size null or 4 x hidden_size": hf.get("intermediate_size") in (None, 4 * width),
-        "layer_norm_epsilon 1e-5": hf.get("layer_norm_epsilon", 1e-5) == 1e-5,
-        "tie_word_embeddings true": hf.get("tie_word_embeddings", True) is True,
         f"one attention type per layer ({n_layer})": len(layers) == n_layer,
         "attention_layers equal to attention_types expanded": hf.get("attention_layers", layers) == layers,
     })
@@ -191,6 +200,8 @@ def _neo_config(hf: dict, where) -> ModelConfig:
         block_size=hf.get("max_position_embeddings", 2048), vocab_size=hf.get("vocab_size", 50257),
         dropout=float(hf.get("resid_dropout", 0.0)), bias=True, attention_layers=layers,
         window_size=hf.get("window_size", 256), scale_attention=False, qkv_bias=False,
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp_hidden=_mlp_hidden(hf.get("intermediate_size"), width),
+        tie_embeddings=hf.get("tie_word_embeddings", True),
     )
 
 
@@ -198,17 +209,83 @@ def _gpt2_config(hf: dict, where) -> ModelConfig:
     width = hf.get("n_embd", 768)
     _require(where, {
         "activation_function gelu_new": hf.get("activation_function", "gelu_new") in TANH_GELU,
-        "n_inner null or 4 x n_embd": hf.get("n_inner") in (None, 4 * width),
-        "layer_norm_epsilon 1e-5": hf.get("layer_norm_epsilon", 1e-5) == 1e-5,
-        "tie_word_embeddings true": hf.get("tie_word_embeddings", True) is True,
         "scale_attn_weights true": hf.get("scale_attn_weights", True) is True,
         "scale_attn_by_inverse_layer_idx false": hf.get("scale_attn_by_inverse_layer_idx", False) is False,
     })
     return ModelConfig(
         n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=width,
         block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
-        dropout=float(hf.get("resid_pdrop", 0.1)), bias=True,
+        dropout=float(hf.get("resid_pdrop", 0.1)), bias=True, norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        mlp_hidden=_mlp_hidden(hf.get("n_inner"), width), tie_embeddings=hf.get("tie_word_embeddings", True),
     )
+
+
+def _mlp_hidden(inner, width: int) -> int | None:
+    """Our mlp_hidden for GPT-2's n_inner / GPT-Neo's intermediate_size: None is the usual 4 x width."""
+    return None if inner in (None, 4 * width) else inner
+
+
+# Defaults of transformers' LlamaConfig and Qwen3Config, for keys a config.json leaves out.
+LLAMA_DEFAULTS = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=None, head_dim=None, max_position_embeddings=2048,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "qwen3": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, head_dim=128, max_position_embeddings=32768,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False),
+}
+
+
+def _llama_config(hf: dict, model_type: str, where) -> ModelConfig:
+    """Llama / Qwen3 -> RoPE, RMSNorm, SwiGLU, no biases (Qwen3 adds qk_norm); exact or refused.
+
+    The llama2.c TinyStories models (karpathy/llama2.c export.py --hf) write LlamaConfig with
+    num_key_value_heads, rms_norm_eps 1e-5, tie_word_embeddings and max_position_embeddings set,
+    and the rest at their defaults (rope_theta 10000, no rope_scaling, pretraining_tp 1, which only
+    splits the same matmuls).
+    """
+    defaults = LLAMA_DEFAULTS[model_type]
+
+    def get(key):
+        return hf[key] if key in hf else defaults[key]
+
+    width, heads = get("hidden_size"), get("num_attention_heads")
+    kv_heads = heads if get("num_key_value_heads") is None else get("num_key_value_heads")
+    head_dim = get("head_dim")
+    if head_dim is None:  # LlamaConfig: hidden_size / num_attention_heads
+        head_dim = width // heads if isinstance(width, int) and isinstance(heads, int) and heads > 0 else None
+    # transformers 5 keeps RoPE settings in rope_parameters, earlier versions in rope_theta + rope_scaling
+    ropes = [r for r in (hf.get("rope_parameters"), hf.get("rope_scaling")) if r]
+    plain_rope = all(isinstance(r, dict) and set(r) <= {"rope_type", "type", "rope_theta"}
+                     and r.get("rope_type", r.get("type", "default")) == "default" for r in ropes)
+    theta = next((r["rope_theta"] for r in ropes if isinstance(r, dict) and r.get("rope_theta")), None)
+    theta = theta or hf.get("rope_theta") or 10000.0
+    checks = {
+        "hidden_act silu": hf.get("hidden_act", "silu") == "silu",
+        f"num_key_value_heads equal to num_attention_heads ({heads}; grouped-query attention is not supported)":
+            kv_heads == heads,
+        f"head_dim equal to hidden_size / num_attention_heads ({width} / {heads})":
+            isinstance(head_dim, int) and isinstance(heads, int) and head_dim * heads == width,
+        "plain RoPE (rope_type default, no rope_scaling or partial_rotary_factor)":
+            plain_rope and hf.get("partial_rotary_factor") in (None, 1.0),
+        "attention_bias false": hf.get("attention_bias", False) is False,
+    }
+    if model_type == "llama":
+        checks["mlp_bias false"] = hf.get("mlp_bias", False) is False
+    else:  # Qwen3's sliding window is off unless use_sliding_window (then its upper layers use it)
+        checks["use_sliding_window false"] = hf.get("use_sliding_window", False) is False
+        checks["every layer full_attention"] = all(t == "full_attention" for t in hf.get("layer_types") or [])
+    _require(where, checks)
+    cfg = ModelConfig(
+        n_layer=get("num_hidden_layers"), n_head=heads, n_embd=width, block_size=get("max_position_embeddings"),
+        vocab_size=get("vocab_size"), dropout=float(hf.get("attention_dropout") or 0.0), bias=False,
+        pos_embedding="rope", rope_theta=float(theta), norm="rmsnorm", norm_eps=get("rms_norm_eps"), mlp="swiglu",
+        mlp_hidden=get("intermediate_size"), qk_norm=model_type == "qwen3",
+        tie_embeddings=get("tie_word_embeddings"),
+    )
+    if cfg.mlp_hidden == dataclasses.replace(cfg, mlp_hidden=None).hidden_size:
+        cfg.mlp_hidden = None  # our default width for this n_embd: export and import give the same config
+    return cfg
 
 
 # -----------------------------------------------------------------------------
@@ -260,16 +337,40 @@ def _load_weights_file(path: Path, torch) -> dict:
 
 
 def state_dict_from_hf(hf_weights: dict, cfg: ModelConfig, architecture: str, where) -> dict:
-    """Our parameter names and layout (fp32, contiguous, lm_head left out) for HF's tensors."""
+    """Our parameter names and layout (fp32, contiguous; lm_head only when untied) for HF's tensors."""
     import torch
 
+    from tinystories.model import GPT
+
     hf = {k: v for k, v in hf_weights.items() if not k.endswith(BUFFERS)}
+    ours = _from_llama(hf, cfg, where) if architecture in ("Llama", "Qwen3") else _from_gpt(hf, cfg, architecture)
+    if cfg.tie_embeddings:  # transformers ties lm_head to the embedding; a file that says otherwise is suspect
+        lm_head = ours.pop("lm_head.weight", None)
+        wte = ours.get("transformer.wte.weight")
+        if lm_head is not None and wte is not None and not torch.equal(lm_head, wte):
+            raise UserError(f"{where}: lm_head.weight differs from the token embedding, but config.json says "
+                            "tie_word_embeddings true")
+    for name in list(ours):
+        ours[name] = ours[name].to(torch.float32).contiguous()
+
+    with torch.device("meta"):  # shapes only
+        expected = {k: v.shape for k, v in GPT(cfg).state_dict().items()
+                    if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    got = {k: v.shape for k, v in ours.items()}
+    if expected != got:
+        missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+        raise UserError(f"{where}: the weights do not fit config.json (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}, wrong shape {wrong[:3]})")
+    return ours
+
+
+def _from_gpt(hf: dict, cfg: ModelConfig, architecture: str) -> dict:
+    """GPT-2 / GPT-Neo names -> ours (see the module docstring's key map)."""
+    import torch
+
     if not any(k.startswith("transformer.") for k in hf):  # saved from the base model: no "transformer." prefix
         hf = {(k if k == "lm_head.weight" else "transformer." + k): v for k, v in hf.items()}
-    lm_head = hf.pop("lm_head.weight", None)
-    if lm_head is not None and "transformer.wte.weight" in hf and not torch.equal(lm_head, hf["transformer.wte.weight"]):
-        raise UserError(f"{where}: lm_head.weight differs from the token embedding; untied output layers are not supported")
-
     ours = {}
     for name, tensor in hf.items():
         ours[_our_name(name, architecture)] = tensor
@@ -282,18 +383,26 @@ def state_dict_from_hf(hf_weights: dict, cfg: ModelConfig, architecture: str, wh
     for name in list(ours):
         if architecture == "GPT-2" and name.endswith(GPT2_CONV1D):
             ours[name] = ours[name].t()  # Conv1D (in, out) -> nn.Linear (out, in)
-        ours[name] = ours[name].to(torch.float32).contiguous()
+    return ours
 
-    from tinystories.model import GPT
 
-    with torch.device("meta"):  # shapes only
-        expected = {k: v.shape for k, v in GPT(cfg).state_dict().items() if k != "lm_head.weight"}
-    got = {k: v.shape for k, v in ours.items()}
-    if expected != got:
-        missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
-        raise UserError(f"{where}: the weights do not fit config.json (missing {missing[:3]}, unexpected "
-                        f"{unexpected[:3]}, wrong shape {wrong[:3]})")
+def _from_llama(hf: dict, cfg: ModelConfig, where) -> dict:
+    """Llama / Qwen3 names -> ours: export.llama_key_map read backwards (q, k, v and gate, up stacked)."""
+    import torch
+
+    from tinystories.export import llama_key_map
+
+    if not any(k.startswith("model.") for k in hf):  # saved from LlamaModel itself: no "model." prefix
+        hf = {(k if k == "lm_head.weight" else "model." + k): v for k, v in hf.items()}
+    ours = {}
+    for name, hf_names in llama_key_map(cfg):
+        if not all(n in hf for n in hf_names):
+            continue  # the shape check names what is missing
+        parts = [hf.pop(n) for n in hf_names]
+        if len({p.shape[1:] for p in parts}) > 1:
+            raise UserError(f"{where}: the weights do not fit config.json ({', '.join(hf_names)} differ in width)")
+        ours[name] = torch.cat(parts, dim=0)  # (rows of each, in) -> (all rows, in)
+    ours.update(hf)  # anything left is not ours: the shape check names it (lm_head of a tied model aside)
     return ours
 
 

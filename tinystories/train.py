@@ -205,9 +205,9 @@ def check_init_fits(model_cfg: ModelConfig, ckpt_cfg: ModelConfig) -> None:
 
 
 def initial_weights(path, block_size: int) -> dict:
-    """The --init-from checkpoint's weights, positions cropped to `block_size`."""
+    """The --init-from checkpoint's weights, learned positions cropped to `block_size`."""
     weights = load_checkpoint(path).model.state_dict()
-    if "transformer.wpe.weight" in weights:  # learned positions (RoPE has none)
+    if "transformer.wpe.weight" in weights:  # RoPE (pos_embedding=rope) has no position table to crop
         weights["transformer.wpe.weight"] = weights["transformer.wpe.weight"][:block_size]
     return weights
 
