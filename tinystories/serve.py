@@ -12,11 +12,12 @@ Routes (Starlette on uvicorn):
     GET  /health           status, model id, the max_tokens cap and the model's shape (the page reads it)
 
 Request fields: prompt (a non-empty string, or a list holding one), max_tokens (1 to the server's
---max-tokens-cap; default 256 or the cap if lower), temperature (0 to 2, default 1; 0 is greedy),
-top_p ((0, 1], default 1), top_k (>= 1 or null; not in OpenAI's API but common in open servers),
-seed (an integer: the same seed and settings give the same text), stream, stream_options
-{include_usage}, model (any value is accepted; the response names the model that answered), n = 1,
-user. OpenAI fields this server cannot honour (stop, echo, logprobs, best_of > 1, suffix, penalties,
+--max-tokens-cap; default 256 or the cap if lower), temperature (0 to 2, default 1; 0 is greedy;
+a positive one at least 2**-126, float32's smallest normal number), top_p ((0, 1], default 1; at
+least 2**-126), top_k (>= 1 or null; not in OpenAI's API but common in open servers), seed (an
+integer from -2**63 to 2**64 - 1, torch's range: the same seed and settings give the same text),
+stream, stream_options {include_usage}, model (any value is accepted; the response names the model
+that answered), n = 1, user. OpenAI fields this server cannot honour (stop, echo, logprobs, best_of > 1, suffix, penalties,
 logit_bias) are refused when set to anything but their neutral value, and unknown fields are refused,
 so a client never silently gets something other than what it asked for. Every refusal is a 4xx in
 OpenAI's error shape: {"error": {"message", "type", "param", "code"}}.
@@ -37,8 +38,21 @@ Choices made here:
   hence the default of 16, at the price of one thread and one small KV cache per slot. Batching
   the rows of concurrent requests into one forward pass would multiply throughput; not done here.
 - A client that goes away stops its generation at the next token.
-- Limits against mistakes: a request body of at most 1 MiB, a prompt of at most 100,000 characters
-  (a prompt longer than block_size tokens is cut to its end by `stream`'s sliding window).
+- Limits against mistakes: a request body of at most 1 MiB (a larger declared Content-Length is
+  refused with a 413 before any of it is read), JSON nested at most 32 deep, a prompt of at most
+  100,000 characters (a prompt longer than block_size tokens is cut to its end by `stream`'s
+  sliding window), and a prompt that is not valid Unicode (a lone surrogate, which JSON can
+  escape: "\\udc80") refused, the tokenizer's rule (tokenizer.check_text).
+- Limits against slow or idle clients (`Limits`; the numbers are its defaults): the request line
+  and headers must arrive within 10 s of the connection opening (or of the previous response), the
+  body within 30 s of the headers (1 MiB in 30 s is 35 KB/s, far below any real link), else a 408
+  and the connection is closed; an idle keep-alive connection is closed after 5 s (uvicorn's
+  default); at most 100 connections are open at once, and a request on one more gets a 503 with
+  Retry-After (OpenAI's shape) and the connection is closed. So a client that trickles bytes holds
+  a slot for at most 42 s (10 + 30 + the 2 s below), and cannot starve the others unless it holds
+  all 100 slots at once (a per-client limit is a reverse proxy's job). A connection answered before its request body was
+  read (a 413, a 408, a GET sent with a body) reads and drops what comes for 2 s more, so that a
+  client that writes its whole body before reading still gets the answer, then closes.
 """
 
 from __future__ import annotations
@@ -65,6 +79,30 @@ DEFAULT_MAX_TOKENS = 256
 MAX_PROMPT_CHARS = 100_000  # encoding is cheap, but not free: a few hundred KiB of prompt is a mistake
 MAX_BODY_BYTES = 1 << 20  # a request body is read into memory; anything near this size is a mistake
 MAX_TEMPERATURE = 2.0  # OpenAI's range; above it sampling is close to uniform noise anyway
+# The smallest positive temperature and top_p: float32's smallest normal number (1.2e-38). The
+# sampler works in float32, where a smaller value may round to 0: a temperature of 1e-300 then
+# divides the logits by zero (NaN probabilities), a top_p of 1e-300 keeps no token at all, and
+# either crashed the request (issue 13). Such values are greedy in all but name anyway.
+MIN_POSITIVE = 2.0**-126
+# torch.Generator.manual_seed's range; negatives map to 2**64 + seed, as torch maps them.
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
+# A completions request nests 2 deep at most ({"stream_options": {...}}). JSON nested thousands
+# deep makes json.loads (and anything that walks the value) hit Python's recursion limit.
+MAX_JSON_DEPTH = 32
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How long a client may take to send a request, and how many connections may be open.
+
+    Defaults are the server's; tests pass small ones. See the module docstring for why these.
+    """
+
+    header_timeout: float = 10.0  # s from the connection (or the previous response) to the end of the headers
+    body_timeout: float = 30.0  # s from the end of the headers to the end of the body
+    keep_alive: int = 5  # s an idle keep-alive connection stays open (uvicorn's default)
+    max_connections: int = 100  # open at once; a request on one more gets a 503
+    linger: float = 2.0  # s a connection answered before its body was read drops what comes, then closes
 
 
 # -----------------------------------------------------------------------------
@@ -119,17 +157,51 @@ def _is_number(value) -> bool:
     return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
 
 
+def _show(value, limit: int = 60) -> str:
+    """A client's value for an error message: repr (ASCII-safe for lone surrogates, which the UTF-8
+    response could not carry), cut to `limit` characters (a value can be up to 1 MiB long)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def json_depth(value) -> int:
+    """How deep arrays and objects nest in a decoded JSON value (a scalar is 0), without recursion."""
+    depth, level = 0, [value]
+    while containers := [v for v in level if isinstance(v, (list, dict))]:
+        depth += 1
+        level = [x for c in containers for x in (c.values() if isinstance(c, dict) else c)]
+    return depth
+
+
+def parse_json_body(raw: bytes):
+    """The decoded request body, or ApiError(400) saying why it is not acceptable JSON."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:  # the C decoder counts its depth against Python's recursion limit
+        raise ApiError(400, f"the request body nests JSON arrays or objects more than {MAX_JSON_DEPTH} deep") from None
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise ApiError(400, "the request body is not valid JSON (it is not UTF-8, UTF-16 or UTF-32 text)") from None
+    except ValueError:  # int() refuses more than sys.get_int_max_str_digits() digits
+        raise ApiError(400, f"the request body holds a number with more than {sys.get_int_max_str_digits():,} "
+                            "digits") from None
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise ApiError(400, f"the request body nests JSON arrays or objects more than {MAX_JSON_DEPTH} deep")
+    return body
+
+
 def parse_completion_request(body, max_tokens_cap: int) -> CompletionRequest:
     """Check a decoded JSON request body; raise ApiError(400, ...) saying what is wrong."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     unknown = sorted(set(body) - KNOWN)
     if unknown:
-        raise ApiError(400, f"unrecognized request argument: {unknown[0]} (supported: {', '.join(sorted(KNOWN))})",
-                       unknown[0])
+        name = unknown[0] if len(unknown[0]) <= 60 else unknown[0][:57] + "..."  # a key is any string
+        raise ApiError(400, f"unrecognized request argument: {name} (supported: {', '.join(sorted(KNOWN))})", name)
     for name, neutral in NEUTRAL.items():
         if name in body and body[name] not in neutral:
-            raise ApiError(400, f"{name}={json.dumps(body[name])} is not supported by this server (leave it out)", name)
+            raise ApiError(400, f"{name}={_show(body[name])} is not supported by this server (leave it out)", name)
 
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -146,7 +218,7 @@ def parse_completion_request(body, max_tokens_cap: int) -> CompletionRequest:
     if max_tokens is None:
         max_tokens = min(DEFAULT_MAX_TOKENS, max_tokens_cap)
     if not _is_int(max_tokens) or max_tokens < 1:
-        raise ApiError(400, f"max_tokens must be an integer >= 1, got {max_tokens!r}", "max_tokens")
+        raise ApiError(400, f"max_tokens must be an integer >= 1, got {_show(max_tokens)}", "max_tokens")
     if max_tokens > max_tokens_cap:
         raise ApiError(400, f"max_tokens is {max_tokens}, more than this server allows ({max_tokens_cap}, "
                             "its --max-tokens-cap); ask for fewer", "max_tokens")
@@ -155,23 +227,31 @@ def parse_completion_request(body, max_tokens_cap: int) -> CompletionRequest:
     temperature = 1.0 if temperature is None else temperature
     if not _is_number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
         raise ApiError(400, f"temperature must be a number from 0 to {MAX_TEMPERATURE:g} (0 means greedy), "
-                            f"got {temperature!r}", "temperature")
+                            f"got {_show(temperature)}", "temperature")
+    if 0 < temperature < MIN_POSITIVE:
+        raise ApiError(400, f"temperature {temperature!r} is too small to compute with (the least is "
+                            f"{MIN_POSITIVE:.3g}); use 0 for greedy", "temperature")
 
     top_p = body.get("top_p")
     if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
-        raise ApiError(400, f"top_p must be a number in (0, 1] (1 keeps every token), got {top_p!r}", "top_p")
+        raise ApiError(400, f"top_p must be a number in (0, 1] (1 keeps every token), got {_show(top_p)}", "top_p")
+    if top_p is not None and top_p < MIN_POSITIVE:
+        raise ApiError(400, f"top_p {top_p!r} is too small to compute with (the least is {MIN_POSITIVE:.3g}; "
+                            "any top_p that small keeps only the most likely token)", "top_p")
 
     top_k = body.get("top_k")
     if top_k is not None and (not _is_int(top_k) or top_k < 1):
-        raise ApiError(400, f"top_k must be an integer >= 1, or null for no top-k cut, got {top_k!r}", "top_k")
+        raise ApiError(400, f"top_k must be an integer >= 1, or null for no top-k cut, got {_show(top_k)}",
+                       "top_k")
 
     seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise ApiError(400, f"seed must be an integer, got {seed!r}", "seed")
+    if seed is not None and not (_is_int(seed) and SEED_MIN <= seed <= SEED_MAX):
+        raise ApiError(400, f"seed must be an integer from -2**63 to 2**64 - 1 (torch's range), got {_show(seed)}",
+                       "seed")
 
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
-        raise ApiError(400, f"stream must be true or false, got {stream!r}", "stream")
+        raise ApiError(400, f"stream must be true or false, got {_show(stream)}", "stream")
     options = body.get("stream_options")
     if options is not None and not (isinstance(options, dict) and set(options) <= {"include_usage"}
                                     and isinstance(options.get("include_usage", False), bool)):
@@ -180,7 +260,7 @@ def parse_completion_request(body, max_tokens_cap: int) -> CompletionRequest:
     return CompletionRequest(
         prompt=prompt, max_tokens=max_tokens, temperature=float(temperature),
         top_p=None if top_p is None or top_p == 1 else float(top_p), top_k=top_k,
-        # torch seeds are 64-bit; any integer a client sends maps to one, always the same one
+        # torch's own mapping of a negative seed (manual_seed(-1) == manual_seed(2**64 - 1))
         seed=None if seed is None else seed % (1 << 64),
         stream=bool(stream), include_usage=bool((options or {}).get("include_usage", False)),
     )
@@ -250,7 +330,14 @@ class Engine:
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="tinystories-generate")
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        return self.tokenizer.encode(prompt) or [self.tokenizer.eot_id]
+        """The prompt's token ids (end-of-text for an empty one); ApiError(400) for text that is not
+        valid Unicode, refused by the tokenizer as it is for every caller."""
+        from tinystories.tokenizer import InvalidTextError
+
+        try:
+            return self.tokenizer.encode(prompt) or [self.tokenizer.eot_id]
+        except InvalidTextError as e:
+            raise ApiError(400, f"prompt: {e}", "prompt") from None
 
     async def pieces(self, request: CompletionRequest, prompt_ids: list[int]) -> AsyncIterator[Piece]:
         """The request's pieces, generated in the pool and handed to the event loop through a queue."""
@@ -320,12 +407,35 @@ def sse(data) -> bytes:
 # The application
 
 
+async def read_body(request, limits: Limits) -> bytes:
+    """The request body, at most MAX_BODY_BYTES, arriving within `limits.body_timeout` seconds.
+
+    A declared Content-Length over the cap is refused before a byte of the body is read: waiting
+    for 5 GB only to refuse it would hold the connection for as long as the client likes.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:  # h11 checked its form
+        raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES:,} bytes "
+                            f"(Content-Length: {_show(int(declared))})")
+    raw = bytearray()
+    try:
+        async with asyncio.timeout(limits.body_timeout):
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > MAX_BODY_BYTES:  # a chunked body declares no length
+                    raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES:,} bytes")
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {limits.body_timeout:g} s "
+                            f"({len(raw):,} bytes came)") from None
+    return bytes(raw)
+
+
 def page_html() -> str:
     return resources.files("tinystories").joinpath("static/index.html").read_text(encoding="utf-8")
 
 
-def create_app(engine: Engine):
-    """The Starlette application serving `engine`'s model."""
+def create_app(engine: Engine, limits: Limits = Limits()):
+    """The Starlette application serving `engine`'s model (`limits.body_timeout` is the app's to keep)."""
     import contextlib
 
     from starlette.applications import Starlette
@@ -354,15 +464,7 @@ def create_app(engine: Engine):
         ]})
 
     async def completions(request: Request):
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > MAX_BODY_BYTES:
-                raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES:,} bytes")
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+        body = parse_json_body(await read_body(request, limits))
         req = parse_completion_request(body, engine.max_tokens_cap)
         prompt_ids = engine.encode_prompt(req.prompt)
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -394,19 +496,26 @@ def create_app(engine: Engine):
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    class ErrorResponse(JSONResponse):
+        """JSON in ASCII: an error may quote what the client sent, and a lone surrogate in it (valid
+        in JSON as "\\udc80") has no UTF-8 form; escaped, it goes back as it came."""
+
+        def render(self, content) -> bytes:
+            return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
+
     async def api_error(request: Request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return ErrorResponse(exc.body(), status_code=exc.status)
 
     async def http_error(request: Request, exc: HTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = f"{request.method} {request.url.path}: {exc.detail}"
-        return JSONResponse(ApiError(exc.status_code, message, type=kind).body(), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return ErrorResponse(ApiError(exc.status_code, message, type=kind).body(), status_code=exc.status_code,
+                             headers=getattr(exc, "headers", None))
 
     async def server_error(request: Request, exc: Exception):
         # a bug: uvicorn still logs the traceback; the client gets OpenAI's shape, not plain text
         body = ApiError(500, f"internal error: {type(exc).__name__}", type="server_error").body()
-        return JSONResponse(body, status_code=500)
+        return ErrorResponse(body, status_code=500)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -421,6 +530,116 @@ def create_app(engine: Engine):
     ]
     return Starlette(routes=routes, lifespan=lifespan,
                      exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error})
+
+
+# -----------------------------------------------------------------------------
+# The connection: uvicorn's h11 protocol with a deadline on the headers and a connection limit
+
+
+def _error_bytes(status: int, reason: str, message: str) -> bytes:
+    """A whole HTTP/1.1 response in OpenAI's error shape that closes the connection, for answers
+    given outside the application (no request was parsed, so h11 cannot write them)."""
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    body = json.dumps(ApiError(status, message, type=kind).body()).encode("ascii")
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n").encode("ascii") + body
+
+
+def protocol_class(limits: Limits):
+    """uvicorn's H11Protocol, plus what it lacks against slow and idle clients (uvicorn 0.54):
+
+    - a deadline for the request line and headers. uvicorn has none: a connection that sends
+      nothing, or one header byte every few seconds (slowloris), is held forever; its keep-alive
+      timer only runs between requests and every byte received cancels it.
+    - a limit on open connections answered in OpenAI's shape (uvicorn's limit_concurrency answers
+      a plain-text 503).
+    - closing a connection whose response went out before its body was read (after `linger`
+      seconds), where uvicorn would read and drop the rest for as long as the client sends it.
+    - its answer to a request that is not valid HTTP/1.1 (a bad Content-Length, a header line
+      with no colon) in OpenAI's error shape rather than plain text.
+    The body's own deadline is kept by the application (`read_body`), which can answer a 408.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    async def too_many_connections(scope, receive, send) -> None:
+        body = json.dumps(ApiError(503, f"the server has {limits.max_connections} connections open, its limit; "
+                                        "try again shortly", type="server_error").body()).encode("ascii")
+        await send({"type": "http.response.start", "status": 503, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"retry-after", b"1"), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    class GuardedH11Protocol(H11Protocol):
+        _head_timer = None  # asyncio.TimerHandle while this connection waits for a request's headers
+        _lingering = False  # True once a response went out before its request's body was read
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > limits.max_connections:  # this one included
+                self.logger.warning("%d connections open, the limit: refusing a request", len(self.connections) - 1)
+                self.app = too_many_connections  # this connection's request gets the 503, then it closes
+            self._wait_for_head()
+
+        def connection_lost(self, exc) -> None:
+            self._stop_waiting_for_head()
+            super().connection_lost(exc)
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.conn.their_state is not h11.IDLE:  # the headers are in (or the connection is over)
+                self._stop_waiting_for_head()
+
+        def data_received(self, data: bytes) -> None:
+            if self._lingering:  # the rest of a body already answered: dropped unparsed
+                return
+            super().data_received(data)
+
+        def on_response_complete(self) -> None:
+            if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+                # Answered before its body was read (a 413, a 408, a GET sent with a body). uvicorn
+                # would read the rest for as long as the client sends it; closing at once would make
+                # the writes of a client that sends its whole body before reading (http.client,
+                # requests) fail, and it would never see the answer. So: drop what comes for
+                # `limits.linger` seconds, then close.
+                self._lingering = True
+                self.loop.call_later(limits.linger, self.transport.close)  # a no-op if already closed
+            else:
+                self._wait_for_head()  # the next request's; handle_events stops it if one is already in
+            super().on_response_complete()
+
+        def send_400_response(self, msg: str) -> None:
+            self.transport.write(_error_bytes(400, "Bad Request", "the request is not valid HTTP/1.1 (a malformed "
+                                              "request line or header, or a bad Content-Length)"))
+            self.transport.close()
+
+        def _wait_for_head(self) -> None:
+            self._stop_waiting_for_head()
+            self._head_timer = self.loop.call_later(limits.header_timeout, self._head_too_slow)
+
+        def _stop_waiting_for_head(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_too_slow(self) -> None:
+            self._head_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.write(_error_bytes(408, "Request Timeout", f"the request line and headers did not "
+                                                  f"arrive within {limits.header_timeout:g} s"))
+                self.transport.close()
+
+    return GuardedH11Protocol
+
+
+def uvicorn_config(app, host: str, port: int, limits: Limits = Limits()):
+    """The uvicorn settings `tinystories serve` runs with (tests run the same in-process)."""
+    import uvicorn
+
+    # Streams still open at Ctrl-C get 5 s to finish; then they are cut and their workers stop.
+    # h11's default cap on a request head still incomplete (16 KiB) stays: past it, a 400.
+    return uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5,
+                          http=protocol_class(limits), timeout_keep_alive=limits.keep_alive)
 
 
 # -----------------------------------------------------------------------------
@@ -484,7 +703,5 @@ def run(args) -> int:
     print(f"tinystories serve: {engine.model_id} ({n_params / 1e6:.2f}M parameters, {engine.tokenizer.name}) "
           f"on {engine.device}, at http://{shown_host}:{port}/ (API: POST /v1/completions; Ctrl-C stops)",
           flush=True)
-    # Streams still open at Ctrl-C get 5 s to finish; then they are cut and their workers stop.
-    config = uvicorn.Config(app, host=args.host, port=port, log_level="info", timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    uvicorn.Server(uvicorn_config(app, args.host, port)).run(sockets=[sock])
     return 0

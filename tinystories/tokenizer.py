@@ -8,6 +8,10 @@
 
 `spec()` describes a tokenizer (name, vocab size, end-of-text id, sha256 of its files); two
 tokenizers are the same exactly when their specs' `fingerprint` agree.
+
+Text that is not valid Unicode is refused, never replaced: every encode method first calls
+`check_text`, which raises `InvalidTextError` (a UserError: one line from the command line, a 400
+from the server) when the text holds a lone surrogate. See `check_text` for why.
 """
 
 from __future__ import annotations
@@ -34,6 +38,38 @@ BPE_FILE = "tokenizer.json"
 GPT2_VOCAB_ENV = "TINYSTORIES_GPT2_VOCAB"
 
 
+class InvalidTextError(UserError):
+    """Text with no UTF-8 form (a lone surrogate at `index`), which no tokenizer here encodes."""
+
+    def __init__(self, message: str, index: int):
+        super().__init__(message)
+        self.index = index
+
+
+def check_text(text: str) -> None:
+    """Raise InvalidTextError if `text` holds a lone surrogate (U+D800..U+DFFF), else nothing.
+
+    A Python str can hold what no UTF-8 text can: Python decodes command-line arguments that are
+    not UTF-8 with "surrogateescape" (the byte 0xFF becomes U+DCFF), and JSON may escape half of a
+    UTF-16 pair ("\\udc80"). Left alone, tiktoken silently replaced such a character with U+FFFD
+    and HF tokenizers raised TypeError. The rule, the same for both tokenizers and every caller
+    (generate, serve, quality, evaluate, prepare): refuse, saying where and what, because
+    replacing would tell the model something other than what was given, and `prepare` already
+    refuses invalid UTF-8 rather than replacing it (issue 13).
+    """
+    if text.isascii():  # O(1) in CPython (the string knows), and nearly every story is ASCII
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        origin = "half of a UTF-16 pair without its other half"
+        if 0xDC80 <= code <= 0xDCFF:  # surrogateescape's range: one byte of text that was not UTF-8
+            origin += f", or Python's stand-in for the byte 0x{code - 0xDC00:02X} of text that is not UTF-8"
+        raise InvalidTextError(f"the text is not valid Unicode: the character at index {e.start} is U+{code:04X}, "
+                               f"a lone surrogate ({origin}); give UTF-8 text", e.start) from None
+
+
 def sha256_file(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -50,13 +86,13 @@ class Tokenizer:
     eot_id: int
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of text. gpt2 encodes a literal "<|endoftext|>" in `text` as plain text; the
+        """Token ids of text; InvalidTextError if it is not valid Unicode (see `check_text`). gpt2 encodes a literal "<|endoftext|>" in `text` as plain text; the
         trained BPE (HF tokenizers always matches its added tokens) as the end-of-text token.
         Prepared stories never contain it: the official files are split on it."""
         raise NotImplementedError
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """`encode` for many texts, on all cores."""
+        """`encode` for many texts, on all cores (each checked by `check_text` first)."""
         raise NotImplementedError
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -148,10 +184,14 @@ class GPT2Tokenizer(Tokenizer):
         self.eot_id = encoding.eot_token  # 50,256
 
     def encode(self, text):
+        check_text(text)
         return self._enc.encode_ordinary(text)
 
     def encode_batch(self, texts):
-        return self._enc.encode_ordinary_batch(list(texts), num_threads=os.cpu_count() or 1)
+        texts = list(texts)
+        for text in texts:
+            check_text(text)
+        return self._enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
 
     def decode(self, ids):
         return self._enc.decode(list(ids))
@@ -160,6 +200,8 @@ class GPT2Tokenizer(Tokenizer):
         import numpy as np
 
         texts = list(texts)
+        for text in texts:  # the plain way below checks in encode_batch
+            check_text(text)
         threads = os.cpu_count() or 1
         runs = _runs_with_eot(texts, 2 * threads)  # 2 per thread: the threads finish together
         if runs is None:
@@ -252,10 +294,14 @@ class BPETokenizer(Tokenizer):
         return cls(tok)
 
     def encode(self, text):
+        check_text(text)
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts):
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        texts = list(texts)
+        for text in texts:
+            check_text(text)
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids):
         return self._tok.decode(list(ids), skip_special_tokens=False)
