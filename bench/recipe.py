@@ -16,7 +16,8 @@ budget); a configuration gets the steps that give it
   (the baseline's tokens per step / its own). The training runs themselves may then run at any
   speed: their results do not depend on it.
 
-Results go to OUT/results.jsonl (one line per run, appended, so an interrupted ablation keeps what
+`--eval quick` scores a run instead by the trainer's last estimate on the first 2**18 test tokens
+(for a screen: the same tokens for every configuration). Results go to OUT/results.jsonl (one line per run, appended, so an interrupted ablation keeps what
 it finished and a rerun skips it), a markdown table on stdout (mean and spread over seeds), and
 OUT/curves.png (val loss against tokens) through `tinystories plot`.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -138,6 +140,9 @@ def main() -> None:
     p.add_argument("--equal", choices=["tokens", "time"], default="tokens")
     p.add_argument("--seeds", default="1337", help="comma-separated seeds; each configuration runs once per seed")
     p.add_argument("--probe-rounds", type=int, default=3, help="--equal time: probe runs per configuration")
+    p.add_argument("--eval", choices=["full", "quick"], default="full",
+                   help="full: `tinystories evaluate` of the whole test split; quick: the trainer's last test "
+                        "loss on its first 2**18 tokens (bits per byte from the split's bytes per token)")
     p.add_argument("--tag", default="", help="name of this ablation in results.jsonl (default: from the settings)")
     args = p.parse_args()
     out = Path(args.out)
@@ -162,6 +167,7 @@ def main() -> None:
                           / tokens_per_step(n)) for n in names}
         print("probe speeds (tokens/s): " + ", ".join(f"{n} {speeds[n]:,.0f}" for n in names), flush=True)
 
+    eval_tokens = 1 << 16 if args.eval == "full" else 1 << 18
     results_file = out / "results.jsonl"
     done = {(r["tag"], r["name"], r["seed"]) for r in map(json.loads, results_file.read_text().splitlines())} \
         if results_file.exists() else set()
@@ -177,14 +183,18 @@ def main() -> None:
             n = steps[name]
             started = time.time()
             tinystories("train", "--data", data[ds], "--out", run, *BASE, *flags, "--seed", seed, "--max-steps", n,
-                        "--eval-interval", max(25, n // 8), "--checkpoint-interval", n, "--eval-tokens", 1 << 16,
+                        "--eval-interval", max(25, n // 8), "--checkpoint-interval", n, "--eval-tokens", eval_tokens,
                         "--log-interval", max(10, n // 10), log=run.parent / f"{name}-s{seed}.log")
             train_s = time.time() - started
-            ev = run / "eval_test.json"
-            tinystories("evaluate", "--checkpoint", run / "checkpoints" / "last", "--data", data[ds],
-                        "--split", "test", "--json", ev, "--batch-size", 16)
-            e = json.loads(ev.read_text())
             rec = last_record(run)
+            if args.eval == "full":
+                ev = run / "eval_test.json"
+                tinystories("evaluate", "--checkpoint", run / "checkpoints" / "last", "--data", data[ds],
+                            "--split", "test", "--json", ev, "--batch-size", 16)
+                e = json.loads(ev.read_text())
+            else:  # the trainer's last estimate on the test split's first eval_tokens tokens
+                test = json.loads((data[ds] / "meta.json").read_text())["splits"]["test"]
+                e = {"loss": rec["test_loss"], "bits_per_byte": rec["test_loss"] / math.log(2) * test["tokens"] / test["bytes"]}
             row = {"tag": tag, "name": name, "seed": seed, "steps": n, "tokens": n * tokens_per_step(name),
                    "test_loss": e["loss"], "test_bpb": e["bits_per_byte"], "train_loss": rec["loss"],
                    "val_loss": rec.get("val_loss"), "train_s": round(train_s, 1),
