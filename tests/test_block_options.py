@@ -137,3 +137,40 @@ def test_parameter_counts_follow_the_options():
 def test_bad_options_are_refused(bad, message):
     with pytest.raises(UserError, match=message):
         ModelConfig(**{**dict(n_layer=1, n_head=2, n_embd=32), **bad})
+
+
+@pytest.mark.parametrize("name", ["rope", "llama", "qwen3"])
+def test_rope_slides_past_block_size_without_a_refill(name, monkeypatch):
+    """Past block_size a RoPE model's cache is a ring: no prefill after the first, and the greedy
+    tokens equal the oracle in which every token sees the last block_size tokens (alone = batched)."""
+    from tinystories.generate import _CachedDecoder
+
+    model = random_model(OPTIONS[name], block_size=16)
+    prompts = random_prompts([3, 10, 15, 40])  # the last is longer than block_size from the start
+    prefills = []
+    real = _CachedDecoder.prefill
+    monkeypatch.setattr(_CachedDecoder, "prefill", lambda self, w: prefills.append(1) or real(self, w))
+    for dtype in (torch.float32, None):  # the packed copy's flat step, and the module path
+        cached = generate(model, prompts, 45, temperature=0.0, dtype=dtype)
+        assert len(prefills) == 1
+        prefills.clear()
+        assert cached == generate(model, prompts, 45, temperature=0.0, use_cache=False)
+    assert cached == [generate(model, [p], 45, temperature=0.0)[0] for p in prompts]
+    # the window is real: each layer looks 15 tokens back, so two layers reach 30 and no further
+    with torch.no_grad():
+        seq = torch.tensor([random_prompts([40])[0]])
+        far = seq.clone()
+        far[0, 0] = (far[0, 0] + 1) % 64
+        a, _ = model(seq, window=16)
+        b, _ = model(far, window=16)
+    assert torch.equal(a[0, 31:], b[0, 31:]) and not torch.allclose(a[0, 16:31], b[0, 16:31])
+
+
+def test_only_rope_models_slide():
+    model = random_model({}, block_size=16)  # learned positions
+    with pytest.raises(ValueError, match="only a RoPE model"):
+        model(torch.zeros(1, 20, dtype=torch.long), window=16)
+    cache = model.new_kv_cache(1, 16)
+    model(torch.zeros(1, 16, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="only a RoPE model"):
+        model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)

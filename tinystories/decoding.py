@@ -231,7 +231,8 @@ class DecodeStep:
 
     def __call__(self, idx: Tensor, pos: Tensor, cache, key_mask: Tensor | None = None) -> Tensor:
         B, C, H, D = idx.shape[0], self.C, self.n_head, self.head_dim
-        L = cache.length  # the new token's index in the cache
+        L = cache.length  # tokens before the new one
+        slot, keys = L % cache.max_len, min(L + 1, cache.max_len)  # a full cache is a ring (RoPE)
         x = F.embedding(idx, self.wte)  # (B, C)
         if self.wpe is not None:
             x = x + F.embedding(pos, self.wpe)
@@ -245,12 +246,12 @@ class DecodeStep:
                 q, k = q_norm(q), k_norm(k)
             if self.wpe is None:
                 q, k = rotate(q, *rope), rotate(k, *rope)
-            cache.k[i, :, :, L] = k[:, :, 0]
-            cache.v[i, :, :, L] = qkv[:, 2 * C :].view(B, H, D)
-            first = 0 if window is None else max(0, L + 1 - window)
-            mask = None if key_mask is None else key_mask[:, None, None, first : L + 1]  # (B, 1, 1, keys)
+            cache.k[i, :, :, slot] = k[:, :, 0]
+            cache.v[i, :, :, slot] = qkv[:, 2 * C :].view(B, H, D)
+            first = 0 if window is None else max(0, L + 1 - window)  # local layers never fill the ring
+            mask = None if key_mask is None else key_mask[:, None, None, first:keys]  # (B, 1, 1, keys)
             y = F.scaled_dot_product_attention(
-                q, cache.k[i, :, :, first : L + 1], cache.v[i, :, :, first : L + 1],  # (B, n_head, keys, head_dim)
+                q, cache.k[i, :, :, first:keys], cache.v[i, :, :, first:keys],  # (B, n_head, keys, head_dim)
                 attn_mask=mask, scale=scale,
             )
             x = x + c_proj.matmul(y.view(B, C))  # (B, n_head, 1, head_dim) is (B, C) in memory

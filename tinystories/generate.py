@@ -27,6 +27,13 @@ command's batch (one prompt, N samples) jumps all at once. window_keep=block_siz
 (at the price of a prefill per step once the context is full); a smaller window_keep trades
 context right after a jump for speed. A prompt longer than block_size is cut the same way.
 
+Rotary positions (RoPE, no local layers) slide without a refill: a key holds its position in its
+rotation and attention scores depend only on distances, so once the cache is full each new token
+replaces the oldest (a ring, `KVCache.update`) and every token sees the last block_size tokens,
+itself included, however long the story grows. The oracle computes the same thing: a forward over
+the whole context in which every layer sees only the last block_size tokens (`window`). Such a
+model ignores `window_keep`.
+
 Speed: the cached path decodes with a copy of the model laid out for one-token steps (on the CPU,
 matmul weights in oneDNN's blocked layout, bf16 where the CPU multiplies bf16 natively) and runs its
 decode steps as a flat list of operations; `tinystories/decoding.py` says why and what each is worth.
@@ -176,7 +183,9 @@ def stream(
         raise ValueError(f"prompt token ids must be in [0, vocab_size={vocab_size})")
 
     contexts = [list(p) for p in prompts]  # every token of each row so far, prompt included
-    starts = [window_start(len(c), 0, block_size, window_keep) for c in contexts]
+    # RoPE without local layers: the cache slides as a ring, every token seeing the last block_size
+    slides = model.config.pos_embedding == "rope" and "local" not in (model.config.attention_layers or ())
+    starts = [0 if slides else window_start(len(c), 0, block_size, window_keep) for c in contexts]
     finished = [False] * len(contexts)
     decoder = None
     if use_cache:
@@ -188,12 +197,13 @@ def stream(
     model.eval()
     try:
         for step in range(max_new_tokens):
-            new_starts = [window_start(len(c), s, block_size, window_keep) for c, s in zip(contexts, starts)]
+            new_starts = starts if slides else [window_start(len(c), s, block_size, window_keep)
+                                                for c, s in zip(contexts, starts)]
             # No autograd graph (it would keep every step's activations alive). Entered per step,
             # not around the generator, so the caller's code between steps keeps its own mode.
             with torch.inference_mode():
                 if decoder is None:
-                    logits = _full_forward_logits(model, contexts, new_starts)
+                    logits = _full_forward_logits(model, contexts, new_starts, block_size if slides else None)
                 elif step == 0 or new_starts != starts:  # the first step, or a window jumped: refill
                     logits = decoder.prefill([c[s:] for c, s in zip(contexts, new_starts)])
                 else:  # the cache holds c[s:-1] of each row: feed the token sampled last
@@ -225,13 +235,14 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> 
     return stories
 
 
-def _full_forward_logits(model, contexts: list[list[int]], starts: list[int]) -> Tensor:
-    """The oracle: next-token logits (B, V) from a plain forward over each row's visible context."""
+def _full_forward_logits(model, contexts: list[list[int]], starts: list[int], window: int | None = None) -> Tensor:
+    """The oracle: next-token logits (B, V) from a plain forward over each row's visible context
+    (a RoPE model's whole context, each token seeing the last `window` tokens)."""
     device = model.transformer.wte.weight.device
     rows = []
     for context, start in zip(contexts, starts):
         idx = torch.tensor([context[start:]], dtype=torch.long, device=device)  # (1, T)
-        logits, _ = model(idx)
+        logits, _ = model(idx, window=window)
         rows.append(logits[0, -1])
     return torch.stack(rows)  # (B, V)
 
@@ -257,22 +268,37 @@ class _CachedDecoder:
         if bool((pad > 0).any()):
             self.key_mask = torch.arange(self.cache.max_len, device=self.device)[None, :] >= pad[:, None]
         self.cache.length = 0  # stale keys past `length` are never attended, only overwritten
+        filled = min(T, self.cache.max_len)  # a RoPE prompt longer than the cache: the rest one by one
         chunk = max(1, _PREFILL_LOGITS_BUDGET // (B * self.model.config.vocab_size))
-        for i in range(0, T, chunk):
-            j = min(i + chunk, T)
+        for i in range(0, filled, chunk):
+            j = min(i + chunk, filled)
             key_mask = None if self.key_mask is None else self.key_mask[:, :j]
             logits, _ = self.model(idx[:, i:j], kv_cache=self.cache, pos=pos[:, i:j], key_mask=key_mask)
-        return logits[:, -1]
+        logits = logits[:, -1]
+        for j in range(filled, T):
+            logits = self.decode(idx[:, j].tolist(), pos[:, j].tolist(), real=pad <= j)
+        return logits
 
-    def decode(self, tokens: list[int], positions: list[int]) -> Tensor:
-        """Append one token per row at the given positions; logits (B, V) after it."""
+    def decode(self, tokens: list[int], positions: list[int], real: Tensor | None = None) -> Tensor:
+        """Append one token per row at the given positions; logits (B, V) after it.
+
+        real: (B,) bool, False where a row's token is padding (a long prompt fed through a ring).
+        """
         idx = torch.tensor(tokens, dtype=torch.long, device=self.device)  # (B,)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)  # (B,)
-        key_mask = None if self.key_mask is None else self.key_mask[:, : self.cache.length + 1]
+        key_mask, slot = None, self.cache.length % self.cache.max_len
+        if self.key_mask is not None:
+            # the new key's slot (in a ring: the oldest, overwritten); a query always sees itself, so
+            # no row of only padding makes attention NaN
+            self.key_mask[:, slot] = True
+            key_mask = self.key_mask[:, : self.cache.length + 1]
         if self.step is not None:
-            return self.step(idx, pos, self.cache, key_mask)
-        logits, _ = self.model(idx[:, None], kv_cache=self.cache, pos=pos[:, None], key_mask=key_mask)
-        return logits[:, -1]
+            logits = self.step(idx, pos, self.cache, key_mask)
+        else:
+            logits = self.model(idx[:, None], kv_cache=self.cache, pos=pos[:, None], key_mask=key_mask)[0][:, -1]
+        if real is not None and self.key_mask is not None:
+            self.key_mask[:, slot] = real  # padding stays unseen by the tokens after it
+        return logits
 
 
 # -----------------------------------------------------------------------------

@@ -58,8 +58,18 @@ class KVCache:
         return self.k.shape[3]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store the new (B, n_head, T, head_dim) keys/values; return all of them so far."""
+        """Store the new (B, n_head, T, head_dim) keys/values; return all of them so far.
+
+        A full cache is a ring (RoPE models, one token at a time): the new key replaces the oldest,
+        at index length % max_len. Keys carry their position in their rotation, and attention does
+        not depend on the order of the keys, so nothing has to move.
+        """
         T = k.shape[2]
+        if self.length + T > self.max_len:
+            slot = self.length % self.max_len
+            self.k[layer, :, :, slot : slot + 1] = k
+            self.v[layer, :, :, slot : slot + 1] = v
+            return self.k[layer], self.v[layer]
         end = self.length + T
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
@@ -226,6 +236,7 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         pos: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
+        window: int | None = None,
     ):
         """Logits for every position of `idx` (B, T), and the mean cross-entropy when `targets` is given.
 
@@ -233,11 +244,17 @@ class GPT(nn.Module):
         pos:      (B, T) position of each token (default: cache length + 0..T-1). Left-padded batches
                   pass positions that start at 0 on each row's first real token.
         key_mask: (B, cache length + T) bool, False where a key is padding that must not be attended.
+        window:   RoPE models: every layer sees only the last `window` tokens, itself included, and
+                  idx may be longer than block_size (what a full cache does, see KVCache.update).
         Targets equal to -1 are ignored by the loss.
         """
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
-        if start + T > self.config.block_size:  # learned positions end there; RoPE trained no further
+        rope_only = self.config.pos_embedding == "rope" and "local" not in (self.config.attention_layers or ())
+        ring = kv_cache is not None and start + T > kv_cache.max_len  # a full cache slides
+        if (ring or window is not None) and not (rope_only and (not ring or T == 1)):
+            raise ValueError("only a RoPE model without local layers slides, and a full cache one token at a time")
+        if start + T > self.config.block_size and not ring and window is None:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
         if pos is None:
             pos = torch.arange(start, start + T, device=idx.device).unsqueeze(0)  # (1, T)
@@ -247,7 +264,11 @@ class GPT(nn.Module):
         needs_mask = key_mask is not None or (kv_cache is not None and T > 1)
         # Local layers (GPT-Neo) need a band mask once a query is window_size or more tokens past
         # a key; in shorter sequences they see exactly what global layers see.
-        banded = "local" in (self.config.attention_layers or ()) and start + T > self.config.window_size
+        band = window or self.config.window_size
+        banded = (window is not None or "local" in (self.config.attention_layers or ())) and start + T > band
+        if ring:  # one new token that may see every cached key but padding ones
+            needs_mask = banded = False
+            attn_mask = None if key_mask is None else key_mask[:, None, None, : kv_cache.max_len]  # (B, 1, 1, keys)
         if needs_mask or banded:
             # query i (absolute position start + i) may see key j when j <= start + i ...
             q_at = torch.arange(start, start + T, device=idx.device)
@@ -263,7 +284,7 @@ class GPT(nn.Module):
             # ... and, in a local layer, j > start + i - window_size: the last window_size keys,
             # itself included (HF GPT-Neo's mask). Cache indices, not positions: left padding
             # shifts both alike, and padding is masked anyway.
-            local_mask = attn_mask & (k_at[None, :] > q_at[:, None] - self.config.window_size)[None, None]
+            local_mask = attn_mask & (k_at[None, :] > q_at[:, None] - band)[None, None]
             if not needs_mask:
                 attn_mask = None  # global layers keep SDPA's causal fast path
 
@@ -275,7 +296,8 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, layer, kv_cache, local_mask if self.config.is_local(layer) else attn_mask, rope)
+            local = window is not None or self.config.is_local(layer)
+            x = block(x, layer, kv_cache, local_mask if local else attn_mask, rope)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.length = start + T
