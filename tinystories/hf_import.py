@@ -48,6 +48,7 @@ from pathlib import Path
 
 from tinystories.config import ModelConfig
 from tinystories.errors import UserError
+from tinystories.outputs import check_output_dir
 from tinystories.tokenizer import BPE_FILE, EOT, GPT2_FILES, sha256_file
 
 # What a model folder may hold that we read; a Hub download fetches only these.
@@ -81,7 +82,7 @@ def import_hf(source, out, *, tokenizer: str = "auto", revision: str | None = No
     from tinystories.checkpoint import save_checkpoint
     from tinystories.model import GPT
 
-    out = Path(out)
+    out = check_output_dir(out, "--out")  # before a download or any reading
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not empty; choose a new folder for the checkpoint")
     folder = locate(source, revision)
