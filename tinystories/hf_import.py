@@ -251,8 +251,10 @@ def _load_weights_file(path: Path, torch) -> dict:
             return load_file(path)
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"{path} is truncated or corrupted ({e})") from None
+    from tinystories.checkpoint import torch_load_safely
+
     try:  # weights_only: tensors and containers only; a pickle holding code is refused, not run
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_load_safely(path)
     except Exception as e:  # torch raises pickle/zip/runtime errors for damaged or unsafe files
         raise UserError(f"{path} is truncated, corrupted or holds more than tensors ({type(e).__name__})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
