@@ -86,7 +86,9 @@ def sample_next(
     """
     check_sampling(temperature, top_k, top_p)
     logits = logits.float()
-    if temperature == 0:
+    # Below float32's smallest normal number a temperature is greedy in effect, and one under ~1e-45
+    # becomes 0.0 in float32, where dividing by it would give 0/0 = NaN for the most likely token.
+    if temperature < torch.finfo(torch.float32).tiny:
         return logits.argmax(dim=-1)
     # Subtract the max before dividing, so a tiny temperature gives -inf, never inf - inf = NaN.
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
@@ -111,6 +113,8 @@ def sample_next(
         chosen = chosen.gather(-1, order)
         mass_before = probs.cumsum(dim=-1) - probs  # (B, k); exactly 0 for the first
         keep = mass_before < top_p  # stop once the kept tokens reach top_p
+        # the most likely token always: a top_p below float32's resolution (1e-320) compares 0 < 0
+        keep[:, 0] = True
         if not cut_k and k < V:
             # the nucleus may go on past the candidates, or end on a value that tokens left out share
             last_kept = probs.gather(-1, keep.sum(dim=-1, keepdim=True) - 1)  # (B, 1)
