@@ -76,6 +76,7 @@ OWN_FILES = {f"{s}.bin" for s in SPLITS} | {META, BPE_FILE, *GPT2_FILES}
 FORMATS = {".txt": "txt", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
 READ_BLOCK = 8 << 20  # bytes read from a source file at a time
 CHUNK_BYTES = 4 << 20  # story text tokenized at a time (with READ_BLOCK, bounds the memory used)
+MIN_VAL_FRACTION = 1e-5  # val = one story in 100,000 at least (ValSplit's block size), else none
 MAX_ITEM_BYTES = 64 << 20  # a "story" longer than this means the file is not what it claims to be
 SEP = EOT
 SEP_BYTES = SEP.encode()
@@ -573,8 +574,10 @@ class _SplitFile:
         return writing(self.shown or self.path, note=self.note)
 
     def add(self, tokens: np.ndarray, stories: int, nbytes: int) -> None:
-        with self._writing():  # a full disk (ENOSPC) or a file-size limit (EFBIG) surface here
-            tokens.tofile(self._f)
+        # a full disk (ENOSPC) or a file-size limit (EFBIG) surface here; through the file object,
+        # not ndarray.tofile, whose error says only "N requested and M written", not why
+        with self._writing():
+            self._f.write(np.ascontiguousarray(tokens).data)
         self.stories += stories
         self.tokens += len(tokens)
         self.bytes += nbytes
@@ -745,8 +748,10 @@ def prepare(source: str, out, *, dataset: str = "v2", tokenizer: str = "gpt2", g
     bpe_size = _check_tokenizer_name(tokenizer)
     if dataset not in HF_FILES:
         raise UserError(f"unknown dataset {dataset!r}; use {' or '.join(HF_FILES)}")
-    if not 0 <= val_fraction < 1:
-        raise UserError(f"--val-fraction must be at least 0 and below 1, got {val_fraction}")
+    # ValSplit sorts blocks of 1/val_fraction stories: 1e-50 would mean a block of 1e50 (an
+    # OverflowError), so a fraction is 0 (no val split) or large enough to need a sane block.
+    if not (val_fraction == 0 or MIN_VAL_FRACTION <= val_fraction < 1):
+        raise UserError(f"--val-fraction must be 0 or at least {MIN_VAL_FRACTION:g} and below 1, got {val_fraction}")
     if max_stories is not None and max_stories < 1:
         raise UserError(f"--max-stories must be positive, got {max_stories}")
     out = Path(out).expanduser()
