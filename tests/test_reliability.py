@@ -318,20 +318,20 @@ def test_a_field_added_later_is_checked_too():
     import dataclasses
 
     @dataclasses.dataclass
-    class Newer(TrainConfig):
-        muon_momentum: float = 0.95
-        muon_steps: int = 5
-        muon: bool = False
-        schedule: str = "cosine"
+    class Newer(TrainConfig):  # names no real field will take
+        later_float: float = 0.95
+        later_int: int = 5
+        later_bool: bool = False
+        later_str: str = "cosine"
 
     newer = Newer()
     assert type_problems(newer) == []
-    newer.muon_momentum, newer.muon_steps, newer.muon, newer.schedule = float("nan"), 2**64, "yes", None
+    newer.later_float, newer.later_int, newer.later_bool, newer.later_str = float("nan"), 2**64, "yes", None
     assert type_problems(newer) == [
-        "muon_momentum must be a finite number, got nan", "muon_steps must be an integer that fits in 64 bits, "
-        f"got {2**64}", "muon must be true or false, got 'yes'", "schedule must be given, got none"]
-    with pytest.raises(UserError, match="muon_momentum must be a finite number"):
-        Newer(muon_momentum=float("inf"))
+        "later_float must be a finite number, got nan", "later_int must be an integer that fits in 64 bits, "
+        f"got {2**64}", "later_bool must be true or false, got 'yes'", "later_str must be given, got none"]
+    with pytest.raises(UserError, match="later_float must be a finite number"):
+        Newer(later_float=float("inf"))
 
 
 GENERATE_VALUES = [
