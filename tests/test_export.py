@@ -244,7 +244,8 @@ def test_failed_export_keeps_the_earlier_one(tmp_path, small_ckpt, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("tinystories.export.model_card", disk_full)  # fails after the weights are written
-    with pytest.raises(OSError):
+    # one line naming the folder and why (tinystories.outputs.writing), the earlier export untouched
+    with pytest.raises(UserError, match=r"\(No space left on device\); the earlier export there is unchanged"):
         export_hf(small_ckpt, out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]

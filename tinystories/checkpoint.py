@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,12 +194,23 @@ def load_checkpoint(path, device="cpu") -> Checkpoint:
     return Checkpoint(folder, model, tokenizer, config)
 
 
+def torch_load_safely(file):
+    """torch.load(weights_only=True): tensors and plain values only, a pickle holding code is refused.
+
+    Refusing a foreign pickle is our error to report (one line); PyTorch's own warnings about it
+    (e.g. "Detected pickle protocol 4 in the checkpoint") would print two more lines before ours.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+
 def load_trainer_state(path) -> dict:
     """The trainer state saved beside a checkpoint, read without unpickling arbitrary objects."""
     file = resolve_checkpoint(path) / TRAINER_STATE
     if not file.is_file():
         raise UserError(f"{file} is missing: this checkpoint cannot be resumed")
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        return torch_load_safely(file)
     except Exception as e:  # torch raises pickle/zip/runtime errors for damaged files
         raise UserError(f"{file} is truncated, corrupted or not ours ({type(e).__name__})") from None

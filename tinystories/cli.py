@@ -39,10 +39,44 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
         return super()._get_help_string(action)
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:  # also a number too long to convert (Python refuses over 4,300 digits)
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text[:40]!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _int_up_to(limit: int, why: str):
+    """A positive integer at most `limit`; `why` says where the limit comes from."""
+    def parse(text: str) -> int:
+        value = _positive_int(text)
+        if value > limit:
+            raise argparse.ArgumentTypeError(f"must be at most {limit:,} ({why}), got {value:,}")
+        return value
+    return parse
+
+
+# Sampling seeds go to torch.Generator.manual_seed; 0 .. 2**63 - 1 fits every 64-bit integer
+# (torch's, numpy's, JSON readers') and is the range the random default is drawn from.
+SEED_MAX = 2**63 - 1
+# Stories written in one batch by `generate`: each holds its own KV cache; the server writes one
+# per request. 64 is far more than a terminal shows, and still a few hundred MB for the 33m model.
+MAX_SAMPLES = 64
+# A TinyStories story is a few hundred tokens; beyond this a number is a typo, not a story.
+MAX_NEW_TOKENS = 100_000
+
+
+def _seed(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**63 - 1 = {SEED_MAX}, got {text}")
     return value
 
 
@@ -53,7 +87,7 @@ def _positive_int(text: str) -> int:
 def _add_sampling(p) -> None:
     """The sampling flags, with the same defaults wherever stories are written."""
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random")
-    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    p.add_argument("--top-k", type=_int, default=None, help="sample only from the k most likely tokens")
     p.add_argument("--top-p", type=float, default=0.95, help="sample from the smallest set of tokens with this much probability")
 
 
@@ -87,7 +121,7 @@ def _add_prepare(sub) -> None:
                    help="use only the first N training stories (after cleaning; val is taken from them)")
     p.add_argument("--dedupe", action="store_true",
                    help="drop exact duplicate stories, and training stories that are also in the test split")
-    p.add_argument("--seed", type=int, default=1337, help="seed of the train/val split")
+    p.add_argument("--seed", type=_seed, default=1337, help="seed of the train/val split")
     p.add_argument("--cache-dir", default=None,
                    help="where downloads are kept (default: $TINYSTORIES_CACHE or ~/.cache/tinystories)")
     p.add_argument("--force", action="store_true",
@@ -127,10 +161,13 @@ def _add_generate(sub) -> None:
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its best checkpoint)")
     p.add_argument("--prompt", default="Once upon a time", help='story beginning ("" starts a story from scratch)')
-    p.add_argument("--max-new-tokens", type=_positive_int, default=200, help="tokens to add at most")
+    p.add_argument("--max-new-tokens", type=_int_up_to(MAX_NEW_TOKENS, "a story is a few hundred tokens"), default=200,
+                   help="tokens to add at most")
     _add_sampling(p)
-    p.add_argument("--num-samples", type=_positive_int, default=1, help="stories to write in one batch; the first is printed as it is written, the others when all are done")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible stories (default: random)")
+    p.add_argument("--num-samples", type=_int_up_to(MAX_SAMPLES, "each sample holds its own KV cache"), default=1,
+                   help=f"stories to write in one batch (at most {MAX_SAMPLES}); the first is printed as it is written, "
+                        "the others when all are done")
+    p.add_argument("--seed", type=_seed, default=None, help="seed for reproducible stories, 0 to 2**63 - 1 (default: random)")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     p.set_defaults(run="tinystories.generate:run")
 
@@ -192,15 +229,16 @@ def _add_quality(sub) -> None:
     p.add_argument("--completions-per-prompt", type=_positive_int, default=None,
                    help=f"completions of each beginning (default: {paper['completions_per_prompt']} with the paper's "
                         f"prompts, as its GPT-4 grading; else {default['completions_per_prompt']})")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=300, help="tokens to add per beginning at most")
+    p.add_argument("--max-new-tokens", type=_int_up_to(MAX_NEW_TOKENS, "a story is a few hundred tokens"), default=300,
+                   help="tokens to add per beginning at most")
     p.add_argument("--temperature", type=float, default=None,
                    help=f"0 = greedy; higher = more random (default: {paper['temperature']} with the paper's prompts, "
                         f"else {default['temperature']})")
-    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    p.add_argument("--top-k", type=_int, default=None, help="sample only from the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None,
                    help=f"sample from the smallest set of tokens with this much probability; 1 = all (default: "
                         f"{paper['top_p']} with the paper's prompts, else {default['top_p']})")
-    p.add_argument("--seed", type=int, default=1337, help="seed of the sampling (same seed and batch size, same stories)")
+    p.add_argument("--seed", type=_seed, default=1337, help="seed of the sampling (same seed and batch size, same stories)")
     p.add_argument("--batch-size", type=_positive_int, default=20, help="completions written at once")
     p.add_argument("--ngram", type=_positive_int, default=8, help="n-gram length (tokens) of the memorization index")
     p.add_argument("--index", default=None,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +23,57 @@ from tinystories.errors import UserError
 def _f(default: Any, help: str) -> Any:
     """A dataclass field with a default and a help text (shown by `--help`)."""
     return field(default=default, metadata={"help": help})
+
+
+# Every integer a config holds ends up in torch (shapes, seeds, step counts), whose integers are 64-bit.
+INT64_MAX = 2**63 - 1
+SEED32_MAX = 2**32 - 1  # training seeds (see TrainConfig)
+
+
+def type_problems(obj) -> list[str]:
+    """What is wrong with the types of a config dataclass's fields, whatever fields it has.
+
+    Generic on purpose, so that a field added later is checked too: a bool field must be true or
+    false, an int field an integer (not a bool, not 2.0) that fits in 64 bits, a float field a
+    finite number (nan and inf would reach the optimizer or the model unnoticed), a str field a
+    string, a list[str] field a list of strings; None only where the type allows it. Values come
+    from flags, TOML files and JSON written by hand, so any Python value can arrive here. Types
+    this does not know are left to the class's own checks. Ranges are the class's to check,
+    after these pass.
+    """
+    problems = []
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        kind, value = hints[f.name], getattr(obj, f.name)
+        optional = False
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(kind) if a is not type(None)]
+            optional = len(args) < len(typing.get_args(kind))
+            if len(args) != 1:
+                continue  # a union of several types: the class checks it itself
+            kind = args[0]
+        if value is None:
+            if not optional:
+                problems.append(f"{f.name} must be given, got none")
+            continue
+        if kind is bool:
+            ok, want = isinstance(value, bool), "true or false"
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool) and -INT64_MAX - 1 <= value <= INT64_MAX
+            want = "an integer" + ("" if not isinstance(value, int) or isinstance(value, bool) else " that fits in 64 bits")
+        elif kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            want = "a finite number"
+        elif kind is str:
+            ok, want = isinstance(value, str), "a string"
+        elif typing.get_origin(kind) is list and typing.get_args(kind) == (str,):
+            ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+            want = 'a list of words such as ["global", "local"]'
+        else:
+            continue
+        if not ok:
+            problems.append(f"{f.name} must be {want}, got {value!r}")
+    return problems
 
 
 # -----------------------------------------------------------------------------
@@ -62,11 +115,15 @@ class ModelConfig:
                                      "instead of GPT-2's 0.02/sqrt(2 n_layer)")
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = type_problems(self)
+        if problems:  # the range checks below compare values, which needs the right types
+            raise UserError("invalid model config: " + "; ".join(problems))
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
+        if self.vocab_size > 2**32:  # token files hold uint32 at most
+            problems.append(f"vocab_size must be at most 2**32 = {2**32}, got {self.vocab_size}")
         if not problems and self.n_embd % self.n_head != 0:
             problems.append(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
@@ -299,7 +356,9 @@ class TrainConfig:
     compile: bool = _f(True, "torch.compile the model on CUDA (ignored elsewhere)")
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = type_problems(self)  # finite numbers, integers that fit in 64 bits, ...
+        if problems:  # the range checks below compare values, which needs the right types
+            raise UserError("invalid training config: " + "; ".join(problems))
         for name in ("batch_size", "grad_accum", "eval_interval", "checkpoint_interval", "log_interval", "eval_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
@@ -307,6 +366,9 @@ class TrainConfig:
             problems.append("need 0 <= min_lr <= learning_rate and learning_rate > 0")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             problems.append("warmup_steps, weight_decay and grad_clip must not be negative")
+        for name in ("beta1", "beta2"):  # AdamW's moving averages: 1 would never forget, above 1 diverges
+            if not 0.0 <= getattr(self, name) < 1.0:
+                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             problems.append("max_steps must be at least 1")
         if self.epochs <= 0:
@@ -321,8 +383,12 @@ class TrainConfig:
             problems.append(f"schedule must be cosine or wsd, got {self.schedule!r}")
         if not 0 < self.decay_fraction <= 1:
             problems.append(f"decay_fraction must be in (0, 1], got {self.decay_fraction!r}")
-        if self.device not in ("auto", "cuda", "mps", "cpu") and not self.device.startswith("cuda:"):
-            problems.append(f"device must be auto, cuda, mps or cpu, got {self.device!r}")
+        # The data order is seeded with seed * 1_000_003 + epoch (data.EpochWindows), which must stay
+        # inside torch's 64-bit seeds; 32 bits leave room for any number of epochs.
+        if not 0 <= self.seed <= SEED32_MAX:
+            problems.append(f"seed must be in [0, {SEED32_MAX}], got {self.seed}")
+        if self.device not in ("auto", "cuda", "mps", "cpu") and not re.fullmatch(r"cuda:\d+", self.device):
+            problems.append(f"device must be auto, cuda, cuda:N, mps or cpu, got {self.device!r}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             problems.append(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
         if problems:

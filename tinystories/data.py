@@ -41,16 +41,69 @@ def read_meta(data_dir) -> dict:
         raise UserError(f"{path} is corrupted ({e}); run `tinystories prepare` again") from None
     if not isinstance(meta, dict) or meta.get("format") != DATA_FORMAT:
         raise UserError(f"{path} was not written by `tinystories prepare`")
-    if meta.get("format_version", 0) > DATA_FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if not _is_int(version):
+        raise UserError(f"{path} is corrupted (format_version is {version!r}); run `tinystories prepare` again")
+    if version > DATA_FORMAT_VERSION:
         raise UserError(f"{data_dir} was prepared by a newer tinystories; upgrade tinystories")
+    problem = _meta_problem(meta)
+    if problem:
+        raise UserError(f"{path} is corrupted ({problem}); run `tinystories prepare` again")
     return meta
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# The largest vocabulary each token dtype holds (ids 0 .. vocab_size - 1).
+_DTYPE_VOCAB = {"uint16": 1 << 16, "uint32": 1 << 32}
+
+
+def _meta_problem(meta: dict) -> str | None:
+    """What is wrong with the parts of meta.json that readers index and size things by, if anything.
+
+    meta.json is plain text anyone can edit: a vocab_size of 100 made training fail with an
+    IndexError at its first step, one of 2e9 tried to allocate a 1.5 TB embedding. So its shape is
+    checked here, and its numbers against the tokenizer files (load_data_tokenizer) and the token
+    files (open_split).
+    """
+    tok = meta.get("tokenizer")
+    if not isinstance(tok, dict) or not isinstance(tok.get("fingerprint"), str) or not isinstance(tok.get("name"), str):
+        return "its tokenizer entry is missing"
+    vocab, eot = tok.get("vocab_size"), tok.get("eot_id")
+    if not _is_int(vocab) or vocab < 1:
+        return f"tokenizer vocab_size is {vocab!r}"
+    if not _is_int(eot) or not 0 <= eot < vocab:
+        return f"tokenizer eot_id is {eot!r}, not an id below vocab_size {vocab}"
+    if meta.get("dtype") not in _DTYPE_VOCAB:
+        return f"dtype is {meta.get('dtype')!r}, not uint16 or uint32"
+    if vocab > _DTYPE_VOCAB[meta["dtype"]]:
+        return f"vocab_size {vocab} does not fit its {meta['dtype']} token files"
+    splits = meta.get("splits")
+    if not isinstance(splits, dict):
+        return "its splits entry is missing"
+    for name, info in splits.items():
+        if not isinstance(info, dict) or not _is_int(info.get("tokens")) or info["tokens"] < 0:
+            return f"split {name!r} has no token count"
+        file = info.get("file")
+        if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):
+            return f"split {name!r} names {file!r}, not a file in the data folder"
+    return None
+
+
 def load_data_tokenizer(data_dir) -> Tokenizer:
+    """The data's tokenizer, checked to be the one meta.json names (files, vocab size, end-of-text id)."""
     meta = read_meta(data_dir)
     tok = Tokenizer.load(data_dir)
-    if tok.spec()["fingerprint"] != meta["tokenizer"]["fingerprint"]:
+    spec = tok.spec()
+    if spec["fingerprint"] != meta["tokenizer"]["fingerprint"]:
         raise UserError(f"{data_dir}: the tokenizer files do not match meta.json; run `tinystories prepare` again")
+    # The fingerprint covers the files only; the numbers beside it are what training sizes the model by.
+    for key in ("vocab_size", "eot_id"):
+        if meta["tokenizer"][key] != spec[key]:
+            raise UserError(f"{Path(data_dir) / META} says {key} {meta['tokenizer'][key]}, but its tokenizer "
+                            f"{spec['name']} has {spec[key]}; run `tinystories prepare` again")
     return tok
 
 
@@ -68,7 +121,15 @@ def open_split(data_dir, split: str) -> np.memmap:
         raise UserError(f"{path} has the wrong size for {info['tokens']} tokens; run `tinystories prepare` again")
     if info["tokens"] == 0:
         return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r")
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    # An id at or past vocab_size would index past the embedding (an IndexError mid-training, or
+    # garbage on CUDA). One pass over the memmap: about a second per GB, far less than any use of it.
+    largest = int(tokens.max())
+    vocab = meta["tokenizer"]["vocab_size"]
+    if largest >= vocab:
+        raise UserError(f"{path} holds token id {largest}, but meta.json's vocab_size is {vocab}; "
+                        "the data is damaged or mixed up with another prepare: run `tinystories prepare` again")
+    return tokens
 
 
 class EpochWindows:

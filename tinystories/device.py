@@ -18,12 +18,13 @@ def pick_device(name: str = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    # first, so that "cuda:x" is one line here rather than a RuntimeError from torch.device on a GPU machine
+    if name not in ("cpu", "mps", "cuda") and not (name.startswith("cuda:") and name[5:].isascii() and name[5:].isdigit()):
+        raise UserError(f"unknown device {name!r}; use auto, cuda, cuda:N, mps or cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UserError("--device mps was asked for but Apple MPS is not available; use --device cpu or auto")
-    if name not in ("cpu", "mps") and not name.startswith("cuda"):
-        raise UserError(f"unknown device {name!r}; use auto, cuda, mps or cpu")
     return torch.device(name)
 
 

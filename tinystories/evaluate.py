@@ -262,16 +262,17 @@ def summary_lines(r: dict) -> list[str]:
 def run(args) -> int:
     from tinystories.checkpoint import load_checkpoint
     from tinystories.device import pick_device, pick_dtype
+    from tinystories.outputs import check_output_file, write_file
 
+    if args.json:  # before the evaluation, which can take long, not after it
+        check_output_file(args.json, "--json")
     device = pick_device(args.device)
     dtype = pick_dtype(device, args.dtype)
     ckpt = load_checkpoint(args.checkpoint, device)
     result = evaluate(ckpt, data=args.data, split=args.split, text=args.text, stride=args.stride,
                       batch_size=args.batch_size, device=device, dtype=dtype)
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_file(args.json, json.dumps(result, indent=2) + "\n")
     print("\n".join(summary_lines(result)))
     if args.json:
         print(f"  wrote {args.json}")

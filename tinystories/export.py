@@ -77,6 +77,7 @@ from pathlib import Path
 
 from tinystories import __version__
 from tinystories.errors import UserError
+from tinystories.outputs import check_output_dir, writing
 from tinystories.tokenizer import BPE_FILE, EOT, GPT2_FILES
 
 EXPORT_FORMAT = "tinystories-hf-export"
@@ -111,28 +112,31 @@ def export_hf(checkpoint_path, out_dir) -> Path:
     model, tokenizer = ckpt.model, ckpt.tokenizer
     family = hf_family(model.config)  # refuses a layout no class holds, before anything is written
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):  # left by an export that was killed
-        shutil.rmtree(stale)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.mkdir()
+    kept = "the earlier export there is unchanged" if out.exists() else "nothing was written"
+    with writing(out, note=kept):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):  # left by an export that was killed
+            shutil.rmtree(stale)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        tmp.mkdir()
     try:
-        # bytes, then write: safetensors' save_file makes the file private (0600); an export is for sharing
-        state_dict, config = WRITERS[family]
-        state = state_dict(model)
-        weights = safetensors_bytes(state, metadata={"format": "pt"})  # "pt": transformers checks it
-        (tmp / "model.safetensors").write_bytes(weights)
-        del weights, state
-        config = config(model.config, tokenizer.eot_id, ckpt.config)
-        _write_json(tmp / "config.json", config)
-        _write_json(tmp / "generation_config.json", generation_config(tokenizer.eot_id, model.config.block_size))
-        for name, data in tokenizer_files(tokenizer, model.config.block_size).items():
-            (tmp / name).write_bytes(data)
-        (tmp / "README.md").write_text(model_card(model, tokenizer, ckpt.config), encoding="utf-8")
-        for p in tmp.iterdir():  # contents on disk before the rename makes them visible
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        _swap_into_place(tmp, out)
+        with writing(out, note=kept):  # a full disk: one line, the tmp folder removed below
+            # bytes, then write: safetensors' save_file makes the file private (0600); an export is for sharing
+            state_dict, config = WRITERS[family]
+            state = state_dict(model)
+            weights = safetensors_bytes(state, metadata={"format": "pt"})  # "pt": transformers checks it
+            (tmp / "model.safetensors").write_bytes(weights)
+            del weights, state
+            config = config(model.config, tokenizer.eot_id, ckpt.config)
+            _write_json(tmp / "config.json", config)
+            _write_json(tmp / "generation_config.json", generation_config(tokenizer.eot_id, model.config.block_size))
+            for name, data in tokenizer_files(tokenizer, model.config.block_size).items():
+                (tmp / name).write_bytes(data)
+            (tmp / "README.md").write_text(model_card(model, tokenizer, ckpt.config), encoding="utf-8")
+            for p in tmp.iterdir():  # contents on disk before the rename makes them visible
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+            _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -142,6 +146,7 @@ def export_hf(checkpoint_path, out_dir) -> Path:
 def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder to write the Hugging Face model to")
+    check_output_dir(out, "--out", sibling=True)  # built beside it and renamed into place
     if out.is_dir() and any(out.iterdir()) and not is_our_export(out):
         raise UserError(
             f"--out {out} already holds files that are not a tinystories export; "

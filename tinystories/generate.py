@@ -93,7 +93,9 @@ def sample_next(
     """
     check_sampling(temperature, top_k, top_p)
     logits = logits.float()
-    if temperature == 0:
+    # Below float32's smallest normal number a temperature is greedy in effect, and one under ~1e-45
+    # becomes 0.0 in float32, where dividing by it would give 0/0 = NaN for the most likely token.
+    if temperature < torch.finfo(torch.float32).tiny:
         return logits.argmax(dim=-1)
     # Subtract the max before dividing, so a tiny temperature gives -inf, never inf - inf = NaN.
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
@@ -118,6 +120,8 @@ def sample_next(
         chosen = chosen.gather(-1, order)
         mass_before = probs.cumsum(dim=-1) - probs  # (B, k); exactly 0 for the first
         keep = mass_before < top_p  # stop once the kept tokens reach top_p
+        # the most likely token always: a top_p below float32's resolution (1e-320) compares 0 < 0
+        keep[:, 0] = True
         if not cut_k and k < V:
             # the nucleus may go on past the candidates, or end on a value that tokens left out share
             last_kept = probs.gather(-1, keep.sum(dim=-1, keepdim=True) - 1)  # (B, 1)
@@ -339,11 +343,18 @@ def run(args) -> int:
     longer than block_size is cut to its end, as the sliding window would (a note on stderr says so).
     """
     from tinystories.checkpoint import load_checkpoint
+    from tinystories.cli import MAX_NEW_TOKENS, MAX_SAMPLES, SEED_MAX
     from tinystories.device import pick_device
 
+    # The command line checks these as it parses them; here for callers that build `args` themselves.
     check_sampling(args.temperature, args.top_k, args.top_p)
-    if args.max_new_tokens < 1 or args.num_samples < 1:
-        raise UserError("--max-new-tokens and --num-samples must be at least 1")
+    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        raise UserError(f"--max-new-tokens must be from 1 to {MAX_NEW_TOKENS:,}, got {args.max_new_tokens}")
+    if not 1 <= args.num_samples <= MAX_SAMPLES:
+        raise UserError(f"--num-samples must be from 1 to {MAX_SAMPLES} (each sample holds its own KV cache), "
+                        f"got {args.num_samples}")
+    if args.seed is not None and not 0 <= args.seed <= SEED_MAX:  # what torch.Generator.manual_seed takes, and more
+        raise UserError(f"--seed must be an integer from 0 to 2**63 - 1, got {args.seed}")
     device = pick_device(args.device)
     # --dtype (auto: bf16 matmul weights where the hardware has bf16; see "Speed" above)
     dtype = decode_dtype(device, getattr(args, "dtype", None) or "auto")

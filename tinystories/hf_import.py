@@ -56,6 +56,7 @@ from pathlib import Path
 
 from tinystories.config import ModelConfig
 from tinystories.errors import UserError
+from tinystories.outputs import check_output_dir
 from tinystories.tokenizer import BPE_FILE, EOT, GPT2_FILES, sha256_file
 
 # What a model folder may hold that we read; a Hub download fetches only these.
@@ -90,7 +91,7 @@ def import_hf(source, out, *, tokenizer: str = "auto", revision: str | None = No
     from tinystories.checkpoint import save_checkpoint
     from tinystories.model import GPT
 
-    out = Path(out)
+    out = check_output_dir(out, "--out")  # before a download or any reading
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not empty; choose a new folder for the checkpoint")
     folder = locate(source, revision)
@@ -327,8 +328,10 @@ def _load_weights_file(path: Path, torch) -> dict:
             return load_file(path)
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"{path} is truncated or corrupted ({e})") from None
+    from tinystories.checkpoint import torch_load_safely
+
     try:  # weights_only: tensors and containers only; a pickle holding code is refused, not run
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_load_safely(path)
     except Exception as e:  # torch raises pickle/zip/runtime errors for damaged or unsafe files
         raise UserError(f"{path} is truncated, corrupted or holds more than tensors ({type(e).__name__})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -243,11 +243,11 @@ def draw(runs: list[RunLog]):
 
 def plot_runs(runs: list[RunLog], out) -> Path:
     """Draw the runs into the PNG file `out` (its folder is made if needed)."""
+    from tinystories.outputs import write_file
+
     fig = draw(runs)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    return out
+    # savefig picks the format from the name's suffix, so the temporary name is given it explicitly
+    return write_file(out, None, write=lambda tmp: fig.savefig(tmp, format="png"))
 
 
 # -----------------------------------------------------------------------------
@@ -256,12 +256,18 @@ def plot_runs(runs: list[RunLog], out) -> Path:
 
 def run(args) -> int:
     """`tinystories plot RUN_DIR [RUN_DIR ...] [--out FILE.png]`."""
+    from tinystories.outputs import check_output_file
+
+    if args.out is not None:  # checked first: reading the logs and drawing is work to waste
+        if Path(args.out).suffix.lower() != ".png":
+            raise UserError(f"--out {args.out} must end in .png")
+        check_output_file(args.out, "--out")
     runs = [read_run(d) for d in args.run_dirs]
     for r, label in zip(runs, unique_labels([r.path for r in runs])):
         r.label = label
     out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "loss.png"
-    if out.suffix.lower() != ".png":
-        raise UserError(f"--out {out} must end in .png")
+    if args.out is None:  # the default, inside the first run folder (which exists now)
+        check_output_file(out, "the plot file")
     plot_runs(runs, out)
     for r in runs:
         last = {split: ys[-1] for split, (_, ys) in sorted(r.evals.items())}

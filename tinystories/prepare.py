@@ -61,6 +61,7 @@ import numpy as np
 from tinystories.download import cache_dir as default_cache_dir
 from tinystories.download import HF_FILES, Downloaded, fetch_hf, fetch_url
 from tinystories.errors import UserError
+from tinystories.outputs import check_output_dir, writing
 from tinystories.tokenizer import BPE_FILE, EOT, GPT2_FILES, Tokenizer, load_gpt2, train_bpe
 
 # The same values as tinystories.data (which imports torch, so prepare does not import it;
@@ -75,6 +76,7 @@ OWN_FILES = {f"{s}.bin" for s in SPLITS} | {META, BPE_FILE, *GPT2_FILES}
 FORMATS = {".txt": "txt", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
 READ_BLOCK = 8 << 20  # bytes read from a source file at a time
 CHUNK_BYTES = 4 << 20  # story text tokenized at a time (with READ_BLOCK, bounds the memory used)
+MIN_VAL_FRACTION = 1e-5  # val = one story in 100,000 at least (ValSplit's block size), else none
 MAX_ITEM_BYTES = 64 << 20  # a "story" longer than this means the file is not what it claims to be
 SEP = EOT
 SEP_BYTES = SEP.encode()
@@ -549,29 +551,50 @@ def encode_stories(tok: Tokenizer, stories: list[str], dtype) -> np.ndarray:
 
 @dataclass
 class _SplitFile:
-    """One .bin file being appended to, with the counts meta.json records for it."""
+    """One .bin file being appended to, with the counts meta.json records for it.
+
+    `shown` is the path a failed write names (the file's place in DATA_DIR, not the temporary
+    folder it is written in), `note` what the message adds (that earlier data is intact).
+    """
 
     path: Path
     dtype: np.dtype
+    shown: Path | None = None
+    note: str = ""
     stories: int = 0
     tokens: int = 0
     bytes: int = 0
     _f: object = field(default=None, repr=False)
 
     def __post_init__(self):
-        self._f = open(self.path, "wb")
+        with self._writing():
+            self._f = open(self.path, "wb")
+
+    def _writing(self):
+        return writing(self.shown or self.path, note=self.note)
 
     def add(self, tokens: np.ndarray, stories: int, nbytes: int) -> None:
-        tokens.tofile(self._f)
+        # a full disk (ENOSPC) or a file-size limit (EFBIG) surface here; through the file object,
+        # not ndarray.tofile, whose error says only "N requested and M written", not why
+        with self._writing():
+            self._f.write(np.ascontiguousarray(tokens).data)
         self.stories += stories
         self.tokens += len(tokens)
         self.bytes += nbytes
 
     def close(self) -> dict:
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        with self._writing():
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
         return {"file": self.path.name, "stories": self.stories, "tokens": self.tokens, "bytes": self.bytes}
+
+    def discard(self) -> None:
+        """Close without caring: the temporary folder is about to be removed."""
+        try:
+            self._f.close()
+        except OSError:  # its buffered bytes could not be written either; they are not wanted
+            pass
 
 
 def _chunks(items: Iterable, size_of: Callable, limit: int = CHUNK_BYTES) -> Iterator[list]:
@@ -639,6 +662,7 @@ def _check_out(out: Path, force: bool) -> None:
     """Refuse to write where something else lives, before any work is done."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder")
+    check_output_dir(out, "--out", sibling=True)  # built as a temporary sibling, renamed into place
     if out.is_dir():
         names = sorted(p.name for p in out.iterdir())
         if names and not force:
@@ -724,8 +748,10 @@ def prepare(source: str, out, *, dataset: str = "v2", tokenizer: str = "gpt2", g
     bpe_size = _check_tokenizer_name(tokenizer)
     if dataset not in HF_FILES:
         raise UserError(f"unknown dataset {dataset!r}; use {' or '.join(HF_FILES)}")
-    if not 0 <= val_fraction < 1:
-        raise UserError(f"--val-fraction must be at least 0 and below 1, got {val_fraction}")
+    # ValSplit sorts blocks of 1/val_fraction stories: 1e-50 would mean a block of 1e50 (an
+    # OverflowError), so a fraction is 0 (no val split) or large enough to need a sane block.
+    if not (val_fraction == 0 or MIN_VAL_FRACTION <= val_fraction < 1):
+        raise UserError(f"--val-fraction must be 0 or at least {MIN_VAL_FRACTION:g} and below 1, got {val_fraction}")
     if max_stories is not None and max_stories < 1:
         raise UserError(f"--max-stories must be positive, got {max_stories}")
     out = Path(out).expanduser()
@@ -741,10 +767,17 @@ def prepare(source: str, out, *, dataset: str = "v2", tokenizer: str = "gpt2", g
     timings["check"] = time.perf_counter() - t_start
     tok = load_gpt2(gpt2_vocab) if bpe_size is None else None  # fails fast without the vocabulary
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_temps(out)
-    tmp = out.parent / f".{out.name}.prepare-{os.getpid()}"
-    tmp.mkdir()
+    # A write that fails (a full disk, a file-size limit) names the file it was writing and says
+    # that earlier data is untouched: everything is written in `tmp` until _install.
+    kept = (f"the prepared data already in {out} is unchanged" if _is_prepared(out)
+            else f"nothing was written to {out}")
+    with writing(out, note=kept):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_temps(out)
+        tmp = out.parent / f".{out.name}.prepare-{os.getpid()}"
+        tmp.mkdir()
+    open_files: list[_SplitFile] = []
+    notes = []
     try:
         val = ValSplit(val_fraction, seed)
         train_bytes = sum(r["bytes"] for r in sources if r["split"] == "train")
@@ -764,7 +797,13 @@ def prepare(source: str, out, *, dataset: str = "v2", tokenizer: str = "gpt2", g
             tok = train_bpe(texts, bpe_size, show_progress=False)
             bar.close()
             timings["train_tokenizer"] = time.perf_counter() - t
-        tok.save(tmp)
+            if tok.vocab_size < bpe_size:  # BPE stops when no pair is left to merge: small text, small vocabulary
+                notes.append(f"{tokenizer}: the training text holds only enough for {tok.vocab_size:,} tokens, "
+                             f"so the vocabulary has {tok.vocab_size:,}, not {bpe_size:,}")
+                print(f"tinystories prepare: note: {notes[-1]}", file=sys.stderr, flush=True)
+        for name, data in tok.files().items():  # Tokenizer.save, one file at a time to name the one that fails
+            with writing(out / name, note=kept):
+                (tmp / name).write_bytes(data)
         dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
 
         t = time.perf_counter()
@@ -773,7 +812,8 @@ def prepare(source: str, out, *, dataset: str = "v2", tokenizer: str = "gpt2", g
         forbidden = set()
         if test_src:  # first, so that --dedupe can drop training stories that are in the test split
             counts["test"] = new_counts()
-            out_test = _SplitFile(tmp / "test.bin", dtype)
+            out_test = _SplitFile(tmp / "test.bin", dtype, out / "test.bin", kept)
+            open_files.append(out_test)
             bar = _Progress(test_bytes, "tokenizing test", progress)
             seen = set() if dedupe else None
             chunks = _chunks(clean_stories(test_src, counts["test"], bar, seen=seen), lambda x: x[1])
@@ -785,7 +825,10 @@ def prepare(source: str, out, *, dataset: str = "v2", tokenizer: str = "gpt2", g
             if not splits["test"]["stories"]:
                 raise UserError(f"the test split ({', '.join(s.name for s in test_src)}) holds no stories")
 
-        out_train, out_val = _SplitFile(tmp / "train.bin", dtype), _SplitFile(tmp / "val.bin", dtype)
+        out_train = _SplitFile(tmp / "train.bin", dtype, out / "train.bin", kept)
+        open_files.append(out_train)
+        out_val = _SplitFile(tmp / "val.bin", dtype, out / "val.bin", kept)
+        open_files.append(out_val)
         bar = _Progress(train_bytes, "tokenizing train", progress)
         stream = train_stream(train_src, counts["train"], bar, val=val, max_stories=max_stories, dedupe=dedupe,
                               forbidden=forbidden)
@@ -816,12 +859,19 @@ def prepare(source: str, out, *, dataset: str = "v2", tokenizer: str = "gpt2", g
             "options": {"source": source, "dataset": dataset, "tokenizer": tokenizer, "val_fraction": val_fraction,
                         "test": test, "max_stories": max_stories, "dedupe": dedupe, "seed": seed},
         }
-        with open(tmp / META, "w", encoding="utf-8") as f:
+        if notes:  # only when there is something to say, so meta.json stays as it was otherwise
+            meta["notes"] = notes
+        with writing(out / META, note=kept), open(tmp / META, "w", encoding="utf-8") as f:
             f.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        _install(tmp, out)
+        # renames only, which a full disk does not stop; if one fails the folder lacks meta.json,
+        # so nothing takes it for complete data
+        with writing(out, note="run `tinystories prepare` again"):
+            _install(tmp, out)
     except BaseException:
+        for f in open_files:
+            f.discard()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     timings["total"] = time.perf_counter() - t_start

@@ -377,6 +377,7 @@ def run(args) -> int:
     from tinystories.checkpoint import load_checkpoint, read_checkpoint_config
     from tinystories.device import pick_device
     from tinystories.generate import check_sampling
+    from tinystories.outputs import check_output_dir, check_output_file, write_file
 
     from tinystories.download import cache_dir
 
@@ -396,7 +397,9 @@ def run(args) -> int:
         judge = JudgeClient(args.judge_url, args.judge_model, os.environ.get(args.judge_key_env) or None,
                             rate=args.judge_rate, retries=args.judge_retries)
     prompts = prompt_set.prompts
-    out = Path(args.out)
+    out = check_output_dir(args.out, "--out")  # before the generation, not after it
+    for name in ("quality.json", "quality.md"):
+        check_output_file(out / name, "--out")
     index = None
     if args.data is not None:  # check the data before spending time on generation
         from tinystories.data import open_split, read_meta
@@ -473,9 +476,8 @@ def run(args) -> int:
     judge_error = None
     if judge is not None:
         judge_error = _run_judge(judge, args, report)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quality.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out / "quality.md").write_text(markdown_report(report, args.samples), encoding="utf-8")
+    write_file(out / "quality.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_file(out / "quality.md", markdown_report(report, args.samples))
 
     t = report["summary"]
     print(f"{report['checkpoint']} (step {report['step']}): {t['completions']} completions of the "

@@ -44,6 +44,7 @@ from tinystories.data import EpochWindows, load_data_tokenizer, open_split, read
 from tinystories.device import pick_device, pick_dtype
 from tinystories.errors import UserError
 from tinystories.model import GPT
+from tinystories.outputs import check_output_dir
 from tinystories.tokenizer import check_same_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -318,7 +319,7 @@ def _truncate_log(path: Path, last_step: int) -> None:
 
 def run(args) -> int:
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    out = Path(args.out)
+    out = check_output_dir(args.out, "--out")  # before any work: a path that cannot be written fails now
     saved = None
     if args.resume:
         if not (out / "checkpoints" / "last").exists() and not (out / "checkpoints" / "last.old").exists():
