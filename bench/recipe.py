@@ -143,6 +143,7 @@ def main() -> None:
     p.add_argument("--eval", choices=["full", "quick"], default="full",
                    help="full: `tinystories evaluate` of the whole test split; quick: the trainer's last test "
                         "loss on its first 2**18 tokens (bits per byte from the split's bytes per token)")
+    p.add_argument("--table-only", action="store_true", help="print the table of what results.jsonl holds, train nothing")
     p.add_argument("--tag", default="", help="name of this ablation in results.jsonl (default: from the settings)")
     args = p.parse_args()
     out = Path(args.out)
@@ -162,17 +163,25 @@ def main() -> None:
     steps = {n: args.steps * tokens_per_step(args.baseline) // tokens_per_step(n) for n in names}
     speeds = None
     if args.equal == "time":
-        speeds = probe_speeds(out, names, data, args.probe_rounds)
+        # one set of probes per ablation, so that runs split over several processes share their steps
+        probes = out / f"probes-{tag}.json"
+        if probes.exists() and set(json.loads(probes.read_text())) >= set(names):
+            speeds = json.loads(probes.read_text())
+        else:
+            speeds = probe_speeds(out, names, data, args.probe_rounds)
+            probes.write_text(json.dumps(speeds, indent=1) + "\n")
         steps = {n: round(args.steps * speeds[n] / speeds[args.baseline] * tokens_per_step(args.baseline)
                           / tokens_per_step(n)) for n in names}
         print("probe speeds (tokens/s): " + ", ".join(f"{n} {speeds[n]:,.0f}" for n in names), flush=True)
 
     eval_tokens = 1 << 16 if args.eval == "full" else 1 << 18
     results_file = out / "results.jsonl"
+    if args.table_only:
+        return table(results_file, tag, names)
     done = {(r["tag"], r["name"], r["seed"]) for r in map(json.loads, results_file.read_text().splitlines())} \
         if results_file.exists() else set()
     for i, seed in enumerate(seeds):
-        order = names if i % 2 == 0 else names[::-1]  # sides take turns going first
+        order = names if (i + seeds[0]) % 2 == 0 else names[::-1]  # sides take turns going first
         for name in order:
             if (tag, name, seed) in done:
                 continue
