@@ -44,7 +44,7 @@ BASE = [
     "--optimizer", "adamw", "--learning-rate", "2e-3", "--min-lr", "2e-4", "--warmup-steps", "30",
     "--schedule", "cosine", "--weight-decay", "0.1", "--batch-size", "16", "--grad-accum", "1",
 ]
-MUON = ["--optimizer", "muon", "--learning-rate", "4e-3", "--min-lr", "4e-4"]
+MUON = ["--optimizer", "muon", "--learning-rate", "4e-3", "--min-lr", "4e-4", "--muon-lr", "4e-3"]
 LLAMA = ["--pos-embedding", "rope", "--norm", "rmsnorm", "--mlp", "swiglu", "--bias", "false"]
 
 # name -> (extra flags on top of BASE, data set). Later flags win over earlier ones.
@@ -72,6 +72,8 @@ CONFIGS: dict[str, tuple[list[str], str]] = {
     "muon+batch32": (MUON + ["--batch-size", "32"], "v2"),
     "muon+bpe-2048": (MUON, "v2-2048"),
     "muon+bpe-8192": (MUON, "v2-8192"),
+    # the new `tiny` (config.py): Muon at 1e-2 with AdamW at 4e-3, the Llama block, every training slice
+    "new": (MUON + ["--muon-lr", "1e-2"] + LLAMA, "all"),
 }
 
 TRAIN_FILES = ["TinyStoriesV2-train.sample.txt"]

@@ -192,11 +192,16 @@ class ModelConfig:
 
 # The brief's model (Eldan & Li 2023 train GPT-Neo; this is the GPT-2 layout of the same size):
 # 30,142,848 parameters with tied embeddings at vocab 50,257, 10,647,552 outside the embeddings.
-# `tiny` is for the demo and the tests: 4 x 192 wide with a 4,096-token BPE it has 2,615,424
-# parameters and trains to readable stories on 2 CPU cores in minutes.
+# `33m-tuned` is the same shape and tokenizer with the recipe measured best for `tiny` (the Llama
+# block, Muon; bench/recipe.py, BENCHMARKS.md): 29,920,512 parameters at vocab 50,257.
+# `tiny` is for the demo and the tests: 4 x 192 wide, the Llama block (RoPE, RMSNorm, SwiGLU, no
+# biases); with a 4,096-token BPE it has 2,557,632 parameters and trains to stories on 2 CPU cores
+# in minutes. Its recipe before 2026-12 (GPT-2 block, AdamW at 2e-3) is `bench/recipe.py`'s `base`.
+LLAMA_BLOCK = dict(pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False)
 PRESETS: dict[str, ModelConfig] = {
     "33m": ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=512, dropout=0.1),
-    "tiny": ModelConfig(n_layer=4, n_head=6, n_embd=192, block_size=256, vocab_size=4096, dropout=0.0),
+    "33m-tuned": ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=512, dropout=0.0, **LLAMA_BLOCK),
+    "tiny": ModelConfig(n_layer=4, n_head=6, n_embd=192, block_size=256, vocab_size=4096, dropout=0.0, **LLAMA_BLOCK),
 }
 
 
@@ -399,13 +404,20 @@ class TrainConfig:
 
 
 # Training settings that go with each preset (the rest are TrainConfig's defaults).
-# `tiny` on 2 CPU cores: a higher learning rate and a short warmup, because its whole run is a few
-# hundred steps; 16 x 256 tokens per step.
+# `tiny` on 2 CPU cores: Muon at 1e-2 on the blocks' matrices and AdamW at 4e-3 on the rest (the
+# best of 4e-3, 1e-2 and 2e-2 in bench/recipe.py), a short warmup because its whole run is a few
+# hundred steps, 16 x 256 tokens per step.
+# `33m-tuned`: the brief's batch (32 x 32 x 512 tokens), Muon and AdamW with tiny's learning rates
+# scaled for width as Muon's RMS matching suggests (Muon ~ 1/sqrt(n_embd)), a 200-step warmup
+# instead of 1,000 (which is about one epoch of TinyStories at this batch), no dropout. Measured
+# against `33m` at a small batch on the CPU (BENCHMARKS.md); its GPU-scale values are unmeasured.
 TRAIN_PRESETS: dict[str, dict] = {
     "33m": {},
+    "33m-tuned": dict(optimizer="muon", learning_rate=2e-3, min_lr=2e-4, muon_lr=7e-3, warmup_steps=200),
     "tiny": dict(
-        learning_rate=2e-3, min_lr=2e-4, warmup_steps=30, batch_size=16, grad_accum=1, max_steps=None,
-        epochs=1.0, eval_interval=100, eval_tokens=1 << 16, checkpoint_interval=100, log_interval=10,
+        optimizer="muon", learning_rate=4e-3, min_lr=4e-4, muon_lr=1e-2, warmup_steps=30, batch_size=16,
+        grad_accum=1, max_steps=None, epochs=1.0, eval_interval=100, eval_tokens=1 << 16, checkpoint_interval=100,
+        log_interval=10,
     ),
     # The paper's family trains with the brief's recipe, as `33m` does.
     **{name: {} for name in PRESETS if name.startswith("ts-")},
