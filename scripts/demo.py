@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 from tinystories.cli import main as tinystories
+from tinystories.errors import EXIT_STOPPED
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SLICE_TRAIN = SHARED / "tinystories" / "TinyStoriesV2-train.sample.txt"
@@ -48,6 +49,8 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def call(*args) -> None:
     print("$ tinystories " + " ".join(map(str, args)), flush=True)
     code = tinystories([str(a) for a in args])
+    if code == EXIT_STOPPED:  # Ctrl-C or SIGTERM: train saved checkpoints/last and said how to resume
+        sys.exit(f"demo: stopped during `tinystories {args[0]}` (exit {code}); `make demo` again starts over")
     if code != 0:
         sys.exit(f"demo: `tinystories {args[0]}` failed (exit {code}); see the message above")
 
