@@ -267,3 +267,25 @@ def test_ddp_a_stop_request_to_one_rank_stops_all_at_the_same_step(tmp_path, sma
     torchrun_train("--data", small_data, "--out", run, "--resume", "--max-steps", stopped_at + 1)
     assert read_log(run)[-1]["step"] == stopped_at + 1
     assert weights(run)  # loads
+
+
+@pytest.mark.slow
+def test_ddp_a_rank_killed_at_once_makes_the_other_stop_with_one_line(tmp_path, small_data):
+    """SIGKILL to rank 1 (the OOM killer, say): rank 0 must not hang in its next all-reduce (Gloo's
+    timeout is 30 minutes) nor end in a traceback or an abort, but stop with one line that says why."""
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    args = [*SMALL, "--max-steps", 100000, "--checkpoint-interval", 100000, "--grad-accum", 2]
+    proc = subprocess.Popen(torchrun_cmd("--data", small_data, "--out", run, *args, log_dir=logs),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "log.jsonl").exists() and len(read_log(run)) >= 3):
+        time.sleep(0.05)
+    pids = _rank_pids(proc)
+    assert len(pids) == 2, pids
+    rank_1 = next(p for p in pids if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{p}/environ").read_bytes())
+    os.kill(rank_1, signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert "SIGABRT" not in err and "exitcode  : -6" not in err, err[-3000:]
+    rank_0 = rank_logs(logs, "stderr")[0]
+    assert "Traceback" not in rank_0 and "lost contact with another process" in rank_0.strip().splitlines()[-1], rank_0
