@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 from tinystories.cli import main as tinystories
+from tinystories.errors import EXIT_STOPPED
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # Every training slice in ../shared (10,266 stories, V1 and V2): more text than the V2 sample alone,
@@ -51,6 +52,8 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def call(*args) -> None:
     print("$ tinystories " + " ".join(map(str, args)), flush=True)
     code = tinystories([str(a) for a in args])
+    if code == EXIT_STOPPED:  # Ctrl-C or SIGTERM: train saved checkpoints/last and said how to resume
+        sys.exit(f"demo: stopped during `tinystories {args[0]}` (exit {code}); `make demo` again starts over")
     if code != 0:
         sys.exit(f"demo: `tinystories {args[0]}` failed (exit {code}); see the message above")
 

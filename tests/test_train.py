@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from conftest import run_cli
 from tinystories.checkpoint import read_checkpoint_config
 from tinystories.config import TRAIN_PRESETS, ModelConfig, TrainConfig, get_preset
+from tinystories.errors import EXIT_STOPPED
 from tinystories.model import GPT
 from tinystories.train import lr_at, param_groups, steps_for
 
@@ -139,7 +140,7 @@ def test_exact_resume_is_bitwise_equal(tmp_path, small_data, sig):
 
     code, out, err = _kill_after(["train", "--data", small_data, "--out", broken, *args], broken, 6, sig)
     if sig != signal.SIGKILL:
-        assert code == 0 and "--resume" in out, err  # finishes the step, saves, says how to resume
+        assert code == EXIT_STOPPED and "--resume" in out, err  # finishes the step, saves, says how to resume
     else:
         assert code == -signal.SIGKILL
     stopped_at = json.loads((broken / "checkpoints" / "last" / "config.json").read_text())["step"]
@@ -242,19 +243,18 @@ def test_toml_config_file(tmp_path, small_data):
     assert config["train"]["batch_size"] == 3  # the flag beats the file
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def torchrun_cmd(*args, log_dir=None):
+    """`torchrun --nproc_per_node=2 -m tinystories train ARGS` on Gloo. --standalone: the agent binds
+    its rendezvous store on a free port itself (a port picked here could be taken before it binds).
+    log_dir: each rank's stdout and stderr go to their own files there (see rank_logs)."""
+    logs = ["--log-dir", str(log_dir), "--redirects", "3"] if log_dir is not None else []
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *logs,
+            "-m", "tinystories", "train", *map(str, args)]
 
 
 def torchrun_train(*args):
-    """`torchrun --nproc_per_node=2 -m tinystories train ARGS` on Gloo, one thread per rank."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "tinystories", "train", *map(str, args)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(torchrun_cmd(*args), capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})  # one thread per rank
     assert r.returncode == 0, r.stderr[-3000:]
 
 

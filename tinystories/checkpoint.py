@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -65,7 +66,6 @@ def save_checkpoint(folder, model: GPT, tokenizer: Tokenizer, *, step: int = 0, 
     for stale in folder.parent.glob(f".{glob.escape(folder.name)}.tmp-*"):  # left by a save that was killed
         shutil.rmtree(stale)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    tmp.mkdir()
 
     model = getattr(model, "_orig_mod", model)  # never save a torch.compile wrapper's key names
     model = getattr(model, "module", model)  # nor DDP's
@@ -73,8 +73,6 @@ def save_checkpoint(folder, model: GPT, tokenizer: Tokenizer, *, step: int = 0, 
     tied = model.config.tie_embeddings
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if not (tied and k == TIED)}
     data = save(weights, metadata={"format": FORMAT})
-    (tmp / WEIGHTS).write_bytes(data)
-    tokenizer.save(tmp)
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -85,10 +83,26 @@ def save_checkpoint(folder, model: GPT, tokenizer: Tokenizer, *, step: int = 0, 
         "val_loss": val_loss,
         **(extra or {}),
     }
-    (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    files = {WEIGHTS: data, **tokenizer.files(), CONFIG: (json.dumps(config, indent=2) + "\n").encode()}
     if trainer_state is not None:
-        torch.save(trainer_state, tmp / TRAINER_STATE)
-    _fsync_folder(tmp)
+        # Serialized in memory and written below like every other file: torch.save to a path reports
+        # a failed write (full disk) as an opaque RuntimeError, a plain write as an OSError.
+        buffer = io.BytesIO()
+        torch.save(trainer_state, buffer)
+        files[TRAINER_STATE] = buffer.getbuffer()
+    name = None
+    try:
+        tmp.mkdir()
+        for name, content in files.items():
+            (tmp / name).write_bytes(content)
+        name = None
+        _fsync_folder(tmp)
+    except OSError as e:  # a full disk, a file size limit, a folder we may not write: nothing was replaced yet
+        shutil.rmtree(tmp, ignore_errors=True)
+        complete = any((f / CONFIG).is_file() for f in (folder, folder.with_name(folder.name + ".old")))
+        previous = "the previous checkpoint there is intact" if complete else "there was no earlier checkpoint there"
+        raise UserError(f"could not write checkpoint {folder} ({name or Path(e.filename or tmp).name}: "
+                        f"{e.strerror or e}); {previous}") from None
 
     old = folder.with_name(folder.name + ".old")
     if old.exists():

@@ -20,7 +20,7 @@ import sys
 
 from tinystories import __version__
 from tinystories.config import PRESETS, ModelConfig, TrainConfig, add_dataclass_args
-from tinystories.errors import UserError
+from tinystories.errors import EXIT_STOPPED, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -137,6 +137,14 @@ def _add_train(sub) -> None:
             "Train a model. Settings come from, in order of precedence: flags, --config FILE (TOML with "
             "optional [model] and [train] tables), the preset, the defaults shown below.\n"
             f"Presets: {', '.join(PRESETS)}."
+        ),
+        epilog=(
+            "exit status:\n"
+            "  0    the run finished\n"
+            "  2    a mistake to fix, said in one line on stderr (nothing on disk is damaged)\n"
+            f"  {EXIT_STOPPED}   stopped by Ctrl-C or SIGTERM after saving checkpoints/last: continue with --resume\n"
+            "  130  a second Ctrl-C quit at once (checkpoints/last is the one saved before)\n"
+            "Under torchrun each process exits with these; torchrun itself exits 1 unless all finished."
         ),
     )
     p.add_argument("--data", required=True, help="DATA_DIR made by `tinystories prepare`")

@@ -7,3 +7,9 @@ never a traceback. Anything else that escapes is a bug in tinystories and keeps 
 
 class UserError(Exception):
     """A problem the user can fix; the message says what is wrong and what to do."""
+
+
+# Exit status of `tinystories train` when a stop request (Ctrl-C, SIGTERM) ended the run early:
+# checkpoints/last was saved and `--resume` continues it. Distinct from 0 (the run finished), 2 (a
+# UserError) and 130 (a second Ctrl-C quit at once); 75 is sysexits.h's EX_TEMPFAIL, "try again later".
+EXIT_STOPPED = 75

@@ -38,11 +38,11 @@ from tinystories.checkpoint import (
     load_checkpoint, load_trainer_state, read_checkpoint_config, resolve_checkpoint, save_checkpoint,
 )
 from tinystories.config import (
-    TRAIN_PRESETS, ModelConfig, TrainConfig, from_dict, get_preset, overrides_from_args,
+    TRAIN_PRESETS, ModelConfig, TrainConfig, from_dict, get_preset, load_json, overrides_from_args,
 )
 from tinystories.data import EpochWindows, load_data_tokenizer, open_split, read_meta
 from tinystories.device import pick_device, pick_dtype
-from tinystories.errors import UserError
+from tinystories.errors import EXIT_STOPPED, UserError
 from tinystories.model import GPT
 from tinystories.outputs import check_output_dir
 from tinystories.tokenizer import check_same_tokenizer
@@ -256,10 +256,20 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
+        self.previous = {}
 
     def install(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self, ddp: bool) -> None:
+        """The run has ended (finished, stopped or failed): give the signals back to the caller (the
+        demo goes on in this process). Under torchrun, ignore them instead: the agent sends SIGTERM
+        to every rank as soon as one exits non-zero, and that must not kill a rank that is leaving
+        with its own status. SIG_IGN rather than a Python handler, because Python puts back the
+        default action (death) while the interpreter shuts down."""
+        for sig, previous in self.previous.items():
+            signal.signal(sig, signal.SIG_IGN if ddp else previous if previous is not None else signal.SIG_DFL)
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
@@ -313,19 +323,93 @@ def _truncate_log(path: Path, last_step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
+def _logged_steps(out: Path) -> int:
+    """How many step records log.jsonl holds (0 when there is none)."""
+    log = out / "log.jsonl"
+    if not log.is_file():
+        return 0
+    return sum(1 for line in log.read_text(errors="replace").splitlines() if line.strip())
+
+
+def _has_checkpoint(out: Path) -> bool:
+    return any((out / "checkpoints" / name).exists() for name in ("last", "last.old", "best", "best.old"))
+
+
+def _read_run_config(out: Path) -> dict:
+    """The run's config.json, for --resume: a damaged one ends in one line, not a traceback."""
+    path = out / "config.json"
+    way_out = (f"restore it, or start a new run from the weights with --init-from {out / 'checkpoints' / 'last'} "
+               "and another --out")
+    try:
+        saved = load_json(path)
+    except UserError as e:
+        raise UserError(f"{e}; {way_out}") from None
+    # resolve_configs and run() index these; a truncated or hand-edited file must not end in a KeyError
+    if not (isinstance(saved, dict) and isinstance(saved.get("preset"), str) and isinstance(saved.get("model"), dict)
+            and isinstance(saved.get("train"), dict) and isinstance(saved.get("data"), dict)
+            and isinstance(saved["data"].get("tokenizer"), dict)):
+        raise UserError(f"{path} is damaged (the run's preset, model, train or data settings are missing); {way_out}")
+    return saved
+
+
 # -----------------------------------------------------------------------------
 # The command
 
 
 def run(args) -> int:
+    """`tinystories train`. Under torchrun, every way out (finished, stopped, UserError, a bug) tears
+    the process group down, and the ranks leave without the interpreter's shutdown (issue 15)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _run_and_tear_down(args)
+    try:
+        code = _run_and_tear_down(args)
+    except UserError as e:
+        print(f"tinystories train: error: {e}", file=sys.stderr)  # as the command line prints it
+        code = 2
+    # destroy_process_group does not stop Gloo's worker threads while a DDP model has used the group
+    # (they run until the process ends), and a worker still releasing the tensors of the last
+    # collective then needs the GIL during interpreter shutdown: Python ends that thread, which
+    # aborts the rank with "terminate called without an active exception" (1 run in 65 on 2 busy
+    # cores). Everything is written, flushed and torn down by now, so end here.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run_and_tear_down(args) -> int:
+    try:
+        return _run(args)
+    except RuntimeError as e:
+        # Gloo's error in a collective when another rank's process has gone (it failed, or was
+        # stopped at once): that rank's own message says why; this one says only that it follows.
+        if dist.is_available() and dist.is_initialized() and (isinstance(e, dist.DistError) or "by peer" in str(e)):
+            raise UserError(f"rank {dist.get_rank()}: lost contact with another process of this run (it failed "
+                            "or was stopped; see its message); stopping too") from None
+        raise
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args) -> int:
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     out = check_output_dir(args.out, "--out")  # before any work: a path that cannot be written fails now
     saved = None
+    # A folder left by a crash before the first step (config.json, maybe an empty checkpoints/ or
+    # log.jsonl) holds nothing to keep or resume: a new run reuses it.
+    unused = not _has_checkpoint(out) and _logged_steps(out) == 0
     if args.resume:
         if not (out / "checkpoints" / "last").exists() and not (out / "checkpoints" / "last.old").exists():
-            raise UserError(f"{out} has no checkpoints/last to resume from; drop --resume to start a new run")
-        saved = json.loads((out / "config.json").read_text())
-    elif (out / "config.json").exists() or (out / "checkpoints").exists():
+            if unused:
+                raise UserError(f"{out} has no checkpoints/last to resume from; drop --resume to start a new run")
+            raise UserError(f"{out} has no checkpoints/last to resume from: its run stopped before the first "
+                            f"checkpoint ({_logged_steps(out)} steps logged); delete {out} to start again there, "
+                            "or choose another --out")
+        saved = _read_run_config(out)
+    elif ((out / "config.json").exists() or (out / "checkpoints").exists()) and not unused:
+        if not (out / "checkpoints" / "last").exists() and not (out / "checkpoints" / "last.old").exists():
+            raise UserError(f"{out} holds a run that stopped before its first checkpoint ({_logged_steps(out)} steps "
+                            f"logged, nothing to resume); delete {out} to start again there, or choose another --out")
         raise UserError(f"{out} already holds a run; add --resume to continue it, or choose another --out")
 
     meta = read_meta(args.data)
@@ -427,14 +511,17 @@ def run(args) -> int:
               f"of {tokens_per_step:,} tokens; {device} {run_config['dtype']}, {world_size} process(es)", flush=True)
         if cfg.warmup_steps >= total_steps:
             print(f"note: warmup_steps ({cfg.warmup_steps}) >= total steps ({total_steps}): the lr never reaches its peak", flush=True)
-    result = _loop(Loop(
-        model=model, raw_model=raw_model, optimizers=optimizers, scaler=scaler, batches=batches,
-        eval_splits=eval_splits, tokenizer=tokenizer, cfg=cfg, autocast=autocast, device=device, out=out,
-        data_dir=args.data, total_steps=total_steps, tokens_per_step=tokens_per_step, stop=stop, rank=rank,
-        world_size=world_size, step=start_step, best_val_loss=best_val_loss,
-    ))
+    try:
+        result = _loop(Loop(
+            model=model, raw_model=raw_model, optimizers=optimizers, scaler=scaler, batches=batches,
+            eval_splits=eval_splits, tokenizer=tokenizer, cfg=cfg, autocast=autocast, device=device, out=out,
+            data_dir=args.data, total_steps=total_steps, tokens_per_step=tokens_per_step, stop=stop, rank=rank,
+            world_size=world_size, step=start_step, best_val_loss=best_val_loss,
+        ))
+    finally:
+        stop.uninstall(ddp)
     if ddp:
-        dist.destroy_process_group()
+        dist.barrier()  # leave together: no rank exits while another still writes or logs
     return result
 
 
@@ -482,13 +569,28 @@ def _loop(r: Loop) -> int:
     bar = tqdm(total=r.total_steps, initial=r.step, unit="step", disable=not master or None, dynamic_ncols=True)
     started = time.perf_counter()
 
+    def save_on_rank_0(folder: Path, **kw) -> None:
+        """Only rank 0 writes. Under DDP every rank learns whether it could (a full disk), so that all
+        stop together with one line each instead of waiting for rank 0 in the next step's all-reduce."""
+        failure = None
+        if master:
+            try:
+                save_checkpoint(folder, raw_model, r.tokenizer, **kw)
+            except UserError as e:  # the previous checkpoint in `folder` is intact
+                failure = e
+        if r.world_size > 1:
+            failed = torch.tensor(float(failure is not None), device=device)
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+            if failed.item() and failure is None:
+                failure = UserError(f"rank {r.rank}: stopping with rank 0, which could not write {folder} (see its message)")
+        if failure is not None:
+            raise failure
+
     def save_last(val_loss: float | None) -> None:
         if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
             raise UserError(f"weights became non-finite at step {r.step}; checkpoints/last was left as it was")
         state = r.trainer_state()  # every rank takes part (its RNG state is gathered)
-        if master:
-            save_checkpoint(out / "checkpoints" / "last", raw_model, r.tokenizer, step=r.step, val_loss=val_loss,
-                            trainer_state=state)
+        save_on_rank_0(out / "checkpoints" / "last", step=r.step, val_loss=val_loss, trainer_state=state)
 
     val_loss = None
     while r.step < r.total_steps:
@@ -539,8 +641,7 @@ def _loop(r: Loop) -> int:
             val_loss = record.get("val_loss")
             if val_loss is not None and val_loss < r.best_val_loss:
                 r.best_val_loss = val_loss
-                if master:
-                    save_checkpoint(out / "checkpoints" / "best", raw_model, r.tokenizer, step=done, val_loss=val_loss)
+                save_on_rank_0(out / "checkpoints" / "best", step=done, val_loss=val_loss)
         if master:
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
@@ -557,12 +658,12 @@ def _loop(r: Loop) -> int:
             dist.all_reduce(stopping, op=dist.ReduceOp.MAX)  # all ranks stop at the same step
         if done % cfg.checkpoint_interval == 0 or done == r.total_steps or stopping.item():
             save_last(val_loss)
-        if stopping.item():
+        if stopping.item() and done < r.total_steps:  # a stop request at the last step changes nothing
             bar.close()
             if master:
                 print(f"stopped at step {done}/{r.total_steps}; checkpoints/last saved. Resume with:\n"
                       f"  tinystories train --data {r.data_dir} --out {out} --resume", flush=True)
-            return 0
+            return EXIT_STOPPED  # not 0: a script must be able to tell a stopped run from a finished one
 
     bar.close()
     if master:
