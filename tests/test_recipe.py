@@ -104,7 +104,7 @@ def test_muon_resume_is_bitwise_equal(tmp_path, small_data, sig):
 def test_muon_learns_faster_than_adamw_at_the_same_steps(tmp_path, small_data):
     """Not a benchmark (bench/recipe.py is): a sanity check that Muon really steps the matrices."""
     args = [*SMALL, "--max-steps", 30, "--warmup-steps", 3, "--learning-rate", "4e-3", "--eval-interval", 30]
-    for name, extra in (("adamw", []), ("muon", ["--optimizer", "muon"])):
+    for name, extra in (("adamw", ["--optimizer", "adamw"]), ("muon", ["--optimizer", "muon", "--muon-lr", "4e-3"])):
         run_cli("train", "--data", small_data, "--out", tmp_path / name, *args, *extra, check=True)
     adamw, muon = read_log(tmp_path / "adamw")[-1]["val_loss"], read_log(tmp_path / "muon")[-1]["val_loss"]
     assert muon < adamw, (muon, adamw)
