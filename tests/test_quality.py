@@ -1,6 +1,7 @@
 """The story-quality report: text measures, the memorization index, the judge client against a
 real HTTP server on 127.0.0.1, and `tinystories quality` end to end."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -77,8 +78,10 @@ def test_the_papers_prompt_file_parses_to_its_44_beginnings_kept_verbatim(tmp_pa
     assert ps.name == "paper" and ps.source == str(PAPER_PROMPTS) and ps.protocol == PAPER_PROTOCOL
     assert ps.sha256 == "7d2b2e67ef96d99215fae332f6802858796a1ef200d116edcec5bd5ba7d599e2"  # PROVENANCE.md's
     assert len(ps.prompts) == 44 and len(set(ps.prompts)) == 44 and all(isinstance(p, str) for p in ps.prompts)
-    assert ps.prompts[0].startswith("Once upon a time, there lived a bunny in a field. Her name was Lucy.")
-    assert ps.prompts[42].startswith("Once upon a time, there lived a black cat.")  # the paper's Figure 8
+    # the first beginning and the paper's Figure 8 one (index 42), compared by hash: the prompts stay in ../shared
+    digest = lambda text: hashlib.sha256(text.encode()).hexdigest()
+    assert digest(ps.prompts[0]) == "71da3ce1e3872c86b0fae67cb9ac9b9617a23622783501b6ade3cfbc696d1d69"
+    assert digest(ps.prompts[42]) == "091bf73a6918f82ee5af1791a2f502f3881f951c399a11c0eba18fae8c0545bb"
     # not stripped or re-spelt: the paper's models completed these exact strings
     assert sum(p.endswith(" ") for p in ps.prompts) == 1 and any("vey busy" in p for p in ps.prompts)
     assert sum("\n\n" in p for p in ps.prompts) > 10  # paragraphs survive the YAML block scalars
