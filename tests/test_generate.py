@@ -157,6 +157,36 @@ def test_oracle_is_a_plain_full_forward():
     assert greedy(model, [context], 10, use_cache=False) == [expected]
 
 
+def test_only_last_logits_equal_the_full_forwards_last_position():
+    model = random_model()
+    x = torch.tensor(random_prompts([20, 20, 20]))  # (3, 20)
+    with torch.no_grad():
+        full, _ = model(x)
+        last, _ = model(x, only_last=True)
+    assert last.shape == (3, 1, 64)
+    assert torch.allclose(last, full[:, -1:], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="only_last"):
+        model(x, x, only_last=True)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_prefill_logits_are_each_rows_full_forward_at_its_last_token(chunked, monkeypatch):
+    import tinystories.generate
+    from tinystories.generate import _CachedDecoder
+
+    if chunked:  # a budget that cuts the prompts into chunks of 2 tokens
+        monkeypatch.setattr(tinystories.generate, "_PREFILL_ACTIVATIONS_BUDGET", 3 * 2 * (4 * 32 + 2 * 32))
+    model = random_model()
+    prompts = random_prompts([9, 1, 5])  # a left-padded batch
+    with torch.inference_mode():
+        got = _CachedDecoder(model, len(prompts), 32).prefill(prompts)
+        for row, prompt in enumerate(prompts):
+            expected, _ = model(torch.tensor([prompt]))
+            # in one pass within 1e-6; in chunks attention sums its keys in another order
+            tolerance = 1e-5 if chunked else 1e-6
+            assert torch.allclose(got[row], expected[0, -1], atol=tolerance, rtol=tolerance)
+
+
 def test_window_start_rule():
     assert window_start(16, 0, block_size=16, window_keep=8) == 0
     assert window_start(17, 0, block_size=16, window_keep=8) == 9

@@ -53,9 +53,11 @@ from torch import Tensor
 from tinystories.decoding import DecodeStep, decode_dtype, decoding_copy
 from tinystories.errors import UserError
 
-# Prefill computes logits at every position; process long prompts in chunks so that those logits
-# stay under this many floats (64 MiB in fp32) even for a 50k vocabulary and many samples.
-_PREFILL_LOGITS_BUDGET = 1 << 24
+# A prefill computes the output layer at the last position only, so what grows with the prompt
+# is the activations: per token ≈ 4 * n_embd MLP floats and n_head * max_len attention scores.
+# Long prompts of large batches go through in chunks that keep them under this many floats (64 MiB
+# in fp32); a single `33m` prompt of 512 tokens is one chunk.
+_PREFILL_ACTIVATIONS_BUDGET = 1 << 24
 
 
 # -----------------------------------------------------------------------------
@@ -273,11 +275,12 @@ class _CachedDecoder:
             self.key_mask = torch.arange(self.cache.max_len, device=self.device)[None, :] >= pad[:, None]
         self.cache.length = 0  # stale keys past `length` are never attended, only overwritten
         filled = min(T, self.cache.max_len)  # a RoPE prompt longer than the cache: the rest one by one
-        chunk = max(1, _PREFILL_LOGITS_BUDGET // (B * self.model.config.vocab_size))
+        config = self.model.config
+        chunk = max(1, _PREFILL_ACTIVATIONS_BUDGET // (B * (4 * config.n_embd + config.n_head * self.cache.max_len)))
         for i in range(0, filled, chunk):
             j = min(i + chunk, filled)
             key_mask = None if self.key_mask is None else self.key_mask[:, :j]
-            logits, _ = self.model(idx[:, i:j], kv_cache=self.cache, pos=pos[:, i:j], key_mask=key_mask)
+            logits, _ = self.model(idx[:, i:j], kv_cache=self.cache, pos=pos[:, i:j], key_mask=key_mask, only_last=True)
         logits = logits[:, -1]
         for j in range(filled, T):
             logits = self.decode(idx[:, j].tolist(), pos[:, j].tolist(), real=pad <= j)

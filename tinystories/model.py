@@ -25,7 +25,7 @@ so export is a key map plus a transpose of the Conv1D weights.
     model = GPT(ModelConfig(...))
     logits, loss = model(idx, targets)          # training
     cache = model.new_kv_cache(batch_size=B, max_len=T)
-    logits, _ = model(prompt, kv_cache=cache)   # prefill, then one token at a time
+    logits, _ = model(prompt, kv_cache=cache, only_last=True)   # prefill: (B, 1, V), then one token at a time
 """
 
 from __future__ import annotations
@@ -237,6 +237,7 @@ class GPT(nn.Module):
         pos: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
         window: int | None = None,
+        only_last: bool = False,
     ):
         """Logits for every position of `idx` (B, T), and the mean cross-entropy when `targets` is given.
 
@@ -246,9 +247,13 @@ class GPT(nn.Module):
         key_mask: (B, cache length + T) bool, False where a key is padding that must not be attended.
         window:   RoPE models: every layer sees only the last `window` tokens, itself included, and
                   idx may be longer than block_size (what a full cache does, see KVCache.update).
+        only_last: logits (B, 1, V) of the last position only (what a prefill uses: at a 50k
+                  vocabulary the output layer over every position was most of a prompt's time).
         Targets equal to -1 are ignored by the loss.
         """
         B, T = idx.shape
+        if only_last and targets is not None:
+            raise ValueError("only_last computes no loss: the loss needs the logits of every position")
         start = kv_cache.length if kv_cache is not None else 0
         rope_only = self.config.pos_embedding == "rope" and "local" not in (self.config.attention_layers or ())
         ring = kv_cache is not None and start + T > kv_cache.max_len  # a full cache slides
@@ -298,9 +303,11 @@ class GPT(nn.Module):
         for layer, block in enumerate(self.transformer.h):
             local = window is not None or self.config.is_local(layer)
             x = block(x, layer, kv_cache, local_mask if local else attn_mask, rope)
-        x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.length = start + T
+        if only_last:
+            x = x[:, -1:]  # (B, 1, C); left-padded rows all end at the last position
+        x = self.transformer.ln_f(x)
 
         if targets is None:
             return self.lm_head(x), None
