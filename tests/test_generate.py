@@ -13,6 +13,7 @@ import torch
 
 from tinystories.cli import main
 from tinystories.config import ModelConfig
+from tinystories.decoding import int8_supported
 from tinystories.errors import UserError
 from tinystories.generate import TextStream, generate, sample_next, stream, window_start
 from tinystories.model import GPT
@@ -356,6 +357,23 @@ def test_cli_num_samples_and_empty_prompt(checkpoint_dir, capsys):
     assert capsys.readouterr().out.strip()  # a story from scratch, not nothing
 
 
+@pytest.mark.skipif(not int8_supported(), reason="no fbgemm kernels in this PyTorch build")
+def test_cli_int8_writes_a_story_and_the_same_one_again(checkpoint_dir, capsys):
+    args = ["generate", "--checkpoint", str(checkpoint_dir), "--max-new-tokens", "20", "--seed", "5", "--prompt", "The cat"]
+    assert main(args + ["--dtype", "int8"]) == 0
+    first = capsys.readouterr().out
+    assert main(args + ["--dtype", "int8"]) == 0
+    assert capsys.readouterr().out == first and first.startswith("The cat") and len(first) > len("The cat\n")
+
+
+def test_cli_int8_elsewhere_than_the_cpu_is_one_line(checkpoint_dir, capsys, monkeypatch):
+    # a GPU machine: the CUDA device exists, int8 is refused before the checkpoint is loaded
+    monkeypatch.setattr("tinystories.device.pick_device", lambda name: torch.device("cuda"))
+    code = main(["generate", "--checkpoint", str(checkpoint_dir), "--dtype", "int8", "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "CPU only" in err and "bf16" in err
+
+
 @pytest.mark.parametrize(
     "flags",
     [["--temperature", "-1"], ["--top-p", "0"], ["--top-p", "1.5"], ["--top-k", "0"]],
@@ -364,6 +382,13 @@ def test_cli_bad_values_give_one_line(checkpoint_dir, capsys, flags):
     code = main(["generate", "--checkpoint", str(checkpoint_dir), *flags])
     err = capsys.readouterr().err
     assert code != 0 and len(err.strip().splitlines()) == 1 and "error" in err
+
+
+def test_cli_unknown_dtype_gives_one_line(checkpoint_dir, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["generate", "--checkpoint", str(checkpoint_dir), "--dtype", "int4"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and len(err.strip().splitlines()) == 1 and "int8" in err
 
 
 def test_cli_missing_checkpoint_gives_one_line(tmp_path, capsys):

@@ -13,7 +13,8 @@ import tinystories.loss
 from tinystories.config import ModelConfig
 from tinystories.device import cpu_supports_bf16
 from tinystories.errors import UserError
-from tinystories.decoding import PackedLinear, decode_dtype, decoding_copy, pack_linears
+from tinystories.decoding import (Int8Linear, PackedLinear, decode_dtype, decoding_copy, int8_supported, pack_linears,
+                                  quantize_per_channel)
 from tinystories.generate import generate
 from tinystories.loss import cross_entropy
 from tinystories.model import GPT
@@ -230,17 +231,137 @@ def test_decode_dtype():
     assert decode_dtype(cpu, "auto") == (torch.bfloat16 if cpu_supports_bf16() else None)
     with pytest.raises(UserError, match="unknown dtype"):
         decode_dtype(cpu, "fp8")
+    # int8 runs on PyTorch's x86 CPU kernels only: anywhere else one line saying what to use instead
+    for device in (torch.device("cuda"), torch.device("mps")):
+        with pytest.raises(UserError, match="CPU only.*bf16"):
+            decode_dtype(device, "int8")
+    if int8_supported():
+        assert decode_dtype(cpu, "int8") == torch.int8
+    else:
+        with pytest.raises(UserError, match="fbgemm"):
+            decode_dtype(cpu, "int8")
+
+
+# -----------------------------------------------------------------------------
+# int8 weights
+
+needs_int8 = pytest.mark.skipif(not int8_supported(), reason="no fbgemm kernels in this PyTorch build")
+
+
+def test_per_channel_quantization_round_trip_is_within_half_a_step():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 96, generator=g) * torch.logspace(-3, 1, 300)[:, None]  # rows of very different scales
+    w[7] = 0.0  # an all-zero row
+    q, scale = quantize_per_channel(w)
+    assert q.dtype == torch.int8 and q.shape == w.shape and scale.shape == (300,)
+    assert int(q.min()) >= -127 and int(q.max()) <= 127
+    assert torch.all(q.abs().amax(dim=1)[torch.arange(300) != 7] == 127)  # each row uses its whole range
+    error = (q.float() * scale[:, None] - w).abs()
+    assert torch.all(error <= scale[:, None] / 2 * (1 + 1e-6))  # at most half a step, per row
+    assert torch.all(q[7] == 0) and torch.all(error[7] == 0)
+    # per row, not per tensor: the smallest rows keep their relative precision
+    assert (error[:10].amax() / w[:10].abs().amax()) < 1 / 200
+
+
+@needs_int8
+@pytest.mark.parametrize("gelu", [False, True])
+def test_int8_linear_is_close_to_f_linear(gelu):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 200)
+    x = torch.randn(3, 5, 96)
+    expected = F.linear(x, linear.weight, linear.bias)
+    if gelu:
+        expected = F.gelu(expected, approximate="tanh")
+    got = Int8Linear(linear, gelu=gelu)(x)
+    assert got.dtype == torch.float32 and got.shape == (3, 5, 200)
+    relative = (got - expected).norm() / expected.norm()
+    assert relative < 0.02  # 8-bit weights and inputs: about 1 %
+
+
+@needs_int8
+def test_int8_decoding_logits_are_close_and_argmax_mostly_agrees():
+    model = random_model()
+    fast = decoding_copy(model, torch.int8)
+    assert isinstance(fast.lm_head, Int8Linear) and isinstance(fast.transformer.h[0].mlp.c_fc, Int8Linear)
+    assert model.transformer.wte.weight.dtype == torch.float32  # the model itself is left alone
+    x = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        ref, _ = model(x)
+        got, _ = fast(x)
+    assert got.dtype == torch.float32
+    assert (got - ref).abs().max() < 0.1 * ref.abs().max()
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.85
+
+
+@needs_int8
+def test_cached_int8_decoding_follows_the_int8_oracle():
+    # The oracle here is a full forward of the int8 copy at every step. Each int8 matmul quantizes
+    # its input with one scale per call, so a full forward (every position in one call) and a
+    # one-token step round a little differently: equal logits up to that rounding, and the same
+    # greedy tokens until a near-tie flips, not bit for bit.
+    model = random_model()
+    fast = decoding_copy(model, torch.int8)
+    prompt = [[5, 6, 7, 8]]
+    cached = generate(model, prompt, 30, temperature=0.0, dtype=torch.int8)[0]
+    oracle = generate(fast, prompt, 30, temperature=0.0, use_cache=False)[0]
+    agree = next((i for i, (a, b) in enumerate(zip(cached, oracle)) if a != b), len(cached))
+    assert agree >= 10
+    with torch.inference_mode():  # teacher-forced on the oracle's tokens, every logit is close
+        ids = torch.tensor([prompt[0] + oracle])
+        full, _ = fast(ids)
+        cache = fast.new_kv_cache(1, ids.shape[1])
+        step = [fast(ids[:, :4], kv_cache=cache, only_last=True)[0][:, -1]]
+        from tinystories.decoding import DecodeStep
+
+        flat = DecodeStep.of(fast)
+        for t in range(4, ids.shape[1]):
+            step.append(flat(ids[:, t], torch.tensor([t]), cache))
+    step = torch.stack(step, dim=1)  # (1, T - 3, V)
+    assert (step - full[:, 3:]).abs().max() < 0.05 * full.abs().max()
+
+
+@needs_int8
+@pytest.mark.slow
+def test_int8_loss_is_within_1_percent_of_the_models_on_a_trained_model(v1_train_head):
+    from conftest import read_stories
+    from tinystories.evaluate import score_tokens
+    from tinystories.tokenizer import train_bpe
+
+    stories = read_stories(v1_train_head, limit=400)
+    tok = train_bpe(stories[:300], 512, show_progress=False)
+    train, held_out = ([t for s in part for t in [tok.eot_id] + tok.encode(s)] for part in (stories[:350], stories[350:]))
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=tok.vocab_size, dropout=0.0))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data, g = torch.tensor(train), torch.Generator().manual_seed(0)
+    for _ in range(150):
+        at = torch.randint(0, len(data) - 65, (16,), generator=g)
+        batch = torch.stack([data[i : i + 65] for i in at.tolist()])
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    tokens = torch.tensor(held_out).numpy()
+    nats = {}
+    for name, net in (("model", model), ("int8", decoding_copy(model, torch.int8))):
+        total, count = score_tokens(net, tokens, tok.eot_id, progress=False)
+        nats[name] = total / count
+    assert nats["model"] < 4.5  # learned something (log 512 = 6.2): the comparison means something
+    assert abs(nats["int8"] - nats["model"]) < 0.01 * nats["model"]
 
 
 # -----------------------------------------------------------------------------
 # The flat decode step, and 2 MB pages under the packed weights
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("case", ["plain", "padded", "gpt-neo"])
 def test_flat_decode_step_equals_the_models_forward(dtype, case):
     from tinystories.decoding import DecodeStep
 
+    if dtype == torch.int8 and not int8_supported():
+        pytest.skip("no fbgemm kernels in this PyTorch build")
     kw = {}
     if case == "gpt-neo":  # a local layer whose window (5) the cache outgrows, no attention scaling
         kw = dict(attention_layers=("global", "local"), window_size=5, scale_attention=False, qkv_bias=False)

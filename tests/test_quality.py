@@ -447,6 +447,18 @@ def quality_argv(run_setup, out, *extra):
             "--device", "cpu", *map(str, extra)]
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_quality_decodes_with_the_weights_asked_for(run_setup, tmp_path, capsys, dtype):
+    from tinystories.decoding import int8_supported
+
+    if dtype == "int8" and not int8_supported():
+        pytest.skip("no fbgemm kernels in this PyTorch build")
+    assert main(quality_argv(run_setup, tmp_path / "a", "--dtype", dtype, "--seed", 3)) == 0
+    report = json.loads((tmp_path / "a" / "quality.json").read_text())
+    assert report["settings"]["decode_dtype"] == dtype
+    assert report["summary"]["completions"] == len(report["completions"]) > 0
+
+
 def test_quality_with_the_papers_prompts_follows_the_papers_protocol(run_setup, tmp_path, capsys):
     assert main(quality_argv(run_setup, tmp_path / "a", "--prompts", PAPER_PROMPTS)) == 0
     assert "completions of the paper prompts (44 beginnings)" in capsys.readouterr().out

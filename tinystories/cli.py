@@ -91,6 +91,14 @@ def _add_sampling(p) -> None:
     p.add_argument("--top-p", type=float, default=0.95, help="sample from the smallest set of tokens with this much probability")
 
 
+def _add_decode_dtype(p, default: str) -> None:
+    """--dtype of the commands that write stories: the weights the cached decoder multiplies with."""
+    p.add_argument("--dtype", default=default, choices=["auto", "bf16", "int8", "fp32"],
+                   help="matmul weights while writing: auto = bf16 where the CPU or GPU multiplies bf16 natively, "
+                        "else the model's own; int8 (x86 CPUs) = int8 weights with one scale per output channel, "
+                        "faster still at a small cost in loss (BENCHMARKS.md); fp32 = exactly the model")
+
+
 def _add_prepare(sub) -> None:
     p = sub.add_parser(
         "prepare", formatter_class=_Formatter,
@@ -176,6 +184,7 @@ def _add_generate(sub) -> None:
                    help=f"stories to write in one batch (at most {MAX_SAMPLES}); the first is printed as it is written, "
                         "the others when all are done")
     p.add_argument("--seed", type=_seed, default=None, help="seed for reproducible stories, 0 to 2**63 - 1 (default: random)")
+    _add_decode_dtype(p, "auto")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     p.set_defaults(run="tinystories.generate:run")
 
@@ -258,6 +267,7 @@ def _add_quality(sub) -> None:
     p.add_argument("--judge-rate", type=float, default=1.0, help="judge requests per second at most")
     p.add_argument("--judge-retries", type=int, default=4,
                    help="retries per completion after a 429, 5xx, timeout or malformed reply")
+    _add_decode_dtype(p, "fp32")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     p.set_defaults(run="tinystories.quality:run")
 
@@ -311,6 +321,7 @@ def _add_serve(sub) -> None:
                    help="requests generating at the same time, each with its own KV cache; more wait their turn")
     p.add_argument("--model-name", default=None,
                    help="the model id the API reports (default: the run or checkpoint folder name)")
+    _add_decode_dtype(p, "fp32")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     p.set_defaults(run="tinystories.serve:run")
 

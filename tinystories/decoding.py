@@ -1,6 +1,7 @@
 """The model laid out for one-token decoding steps on the CPU: the decoding copy and its step.
 
     fast = decoding_copy(model, torch.bfloat16)     # packed bf16 matmul weights; cached per model
+    fast = decoding_copy(model, torch.int8)          # or int8 weights, one scale per output channel
     step = DecodeStep.of(fast)                       # None where the copy could not be packed
     logits = step(idx, pos, cache, key_mask)         # (B,) new tokens at (B,) positions -> (B, V)
 
@@ -26,6 +27,7 @@ moved onto 2 MB pages as they are made (`tinystories/hugepages.py`; 1.08x at bat
 from __future__ import annotations
 
 import copy
+import warnings
 import weakref
 
 import torch
@@ -43,14 +45,23 @@ from tinystories.model import rope_angles, rotate
 
 
 def decode_dtype(device: torch.device, name: str = "auto") -> torch.dtype | None:
-    """The weight dtype for decoding: fp32, bf16, or auto = bf16 where the hardware multiplies it
-    natively (CPUs with AVX-512 BF16 or AMX, CUDA GPUs from Ampere on), else the model's own (None)."""
+    """The weight dtype for decoding: fp32, bf16, int8 (CPU only, see Int8Linear), or auto = bf16
+    where the hardware multiplies it natively (CPUs with AVX-512 BF16 or AMX, CUDA GPUs from Ampere
+    on), else the model's own (None)."""
     if name == "fp32":
         return torch.float32
     if name == "bf16":
         return torch.bfloat16
+    if name == "int8":
+        if device.type != "cpu":
+            raise UserError(f"--dtype int8 decodes on the CPU only (PyTorch's fbgemm kernels); on {device.type} "
+                            "use --dtype bf16 or auto, or --device cpu")
+        if not int8_supported():
+            raise UserError("--dtype int8 needs PyTorch's fbgemm kernels (x86 CPUs), which this PyTorch build "
+                            "lacks; use --dtype bf16 or auto")
+        return torch.int8
     if name != "auto":
-        raise UserError(f"unknown dtype {name!r}; use auto, bf16 or fp32")
+        raise UserError(f"unknown dtype {name!r}; use auto, bf16, int8 or fp32")
     from tinystories.device import cpu_supports_bf16
 
     if device.type == "cpu" and cpu_supports_bf16():
@@ -89,16 +100,92 @@ class PackedLinear(nn.Module):
         return self.matmul(x) if self.gelu else self.matmul(x).to(x.dtype)
 
 
+def int8_supported() -> bool:
+    """True where this PyTorch build has the fbgemm kernels that Int8Linear runs on (x86 CPUs)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def _has_vnni() -> bool:
+    """True where the CPU has int8 dot products that accumulate in int32 (AVX-512 VNNI, AVX-VNNI)."""
+    try:
+        return bool(torch.cpu._is_vnni_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 with one scale per output channel (row): weight ≈ q * scale[:, None].
+
+    q (N, K) int8 in [-127, 127] (no -128, so that q and -q both fit), scale (N,) fp32 = the row's
+    largest |w| / 127: every weight is off by at most scale / 2 (tests/test_perf_paths.py).
+    """
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127  # an all-zero row stays zero
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """An nn.Linear for inference with int8 weights (`quantize_per_channel`): half the bytes of
+    bf16 to stream at every decode step, and a `33m` that fits in a 32 MB L3 cache (30 MB).
+
+    The matmul is PyTorch's dynamic quantized linear for x86 CPUs (fbgemm's `linear_dynamic`, no
+    compiler needed): each call quantizes its input to uint8 with one scale and zero point taken
+    from the input's range, multiplies integers with int32 accumulation, and rescales to fp32 with
+    the bias added. Input and output are fp32, so everything between the matmuls stays as with bf16
+    weights. Chosen over weight-only int8 (`aten._weight_int8pack_mm`: bf16 inputs, as fast at the
+    blocks' matmuls but half as fast at the 50,257-row output layer and five times slower than bf16
+    at a prefill's many rows) and oneDNN's int8 linear (slower at one row); measured in
+    BENCHMARKS.md, with what it costs in loss.
+
+    `gelu=True` applies the tanh GELU to the output (fbgemm has no fused one), as PackedLinear.
+    """
+
+    def __init__(self, linear: nn.Linear, gelu: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.dtype, self.gelu = linear.in_features, linear.out_features, torch.int8, gelu
+        q, scale = quantize_per_channel(linear.weight)
+        zero = torch.zeros(len(scale), dtype=torch.long)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        engine = torch.backends.quantized.engine
+        try:
+            with warnings.catch_warnings():  # quantized tensors are deprecated in favour of torchao, not gone
+                warnings.simplefilter("ignore", UserWarning)
+                weight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
+                torch.backends.quantized.engine = "fbgemm"  # the packed weight is the engine's own
+                self.packed = torch.ops.quantized.linear_prepack(weight, bias)
+        finally:
+            torch.backends.quantized.engine = engine
+        # Without VNNI, x86 kernels add pairs of uint8 x int8 products in int16, which 8-bit inputs
+        # can saturate: there inputs get 7 bits (fbgemm's advice). VNNI adds them in int32.
+        self.reduce_range = not _has_vnni()
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """The fp32 result (with the GELU where `gelu`), for x (..., in_features) in fp32."""
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features), self.packed, self.reduce_range)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return F.gelu(y, approximate="tanh") if self.gelu else y
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.matmul(x.float()).to(x.dtype)
+
+
+def packed_linear(linear: nn.Linear, dtype: torch.dtype, gelu: bool = False) -> "PackedLinear | Int8Linear":
+    """The layer laid out for decoding in `dtype`: Int8Linear for torch.int8, else PackedLinear."""
+    return Int8Linear(linear, gelu) if dtype == torch.int8 else PackedLinear(linear, dtype, gelu)
+
+
 class PackedMLP(nn.Module):
     """A block's MLP in a decoding copy: c_fc's output goes to c_proj in the weights' dtype (as
     under autocast) instead of a round trip through fp32; a GELU is fused into c_fc's matmul; dropout
-    is off in eval. Two fewer ops and two fewer casts per block on every decode step."""
+    is off in eval. Two fewer ops and two fewer casts per block on every decode step. (With int8
+    weights the hidden activations are fp32, what Int8Linear takes and gives.)"""
 
     def __init__(self, mlp: nn.Module, dtype: torch.dtype):
         super().__init__()
         self.kind = mlp.kind
-        self.c_fc = PackedLinear(mlp.c_fc, dtype, gelu=self.kind == "gelu")
-        self.c_proj = PackedLinear(mlp.c_proj, dtype)
+        self.c_fc = packed_linear(mlp.c_fc, dtype, gelu=self.kind == "gelu")
+        self.c_proj = packed_linear(mlp.c_proj, dtype)
 
     def hidden(self, x: Tensor) -> Tensor:
         """The activations c_proj takes, in the weights' dtype (the model's MLP.forward, packed)."""
@@ -116,8 +203,8 @@ class PackedMLP(nn.Module):
 
 def pack_linears(model: nn.Module, dtype: torch.dtype) -> bool:
     """Swap every block's MLP of a CPU `model` for a PackedMLP and every other nn.Linear for a
-    PackedLinear, in place; False (and nothing swapped) where this PyTorch build cannot, or its
-    results are not F.linear's and F.gelu's."""
+    PackedLinear (Int8Linear for torch.int8), in place; False (and nothing swapped) where this
+    PyTorch build cannot, or its results are not F.linear's and F.gelu's."""
     from tinystories.model import MLP
 
     mlps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
@@ -128,14 +215,14 @@ def pack_linears(model: nn.Module, dtype: torch.dtype) -> bool:
     if not linears or linears[0][2].weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     try:  # private ops (the ones inductor uses): check them on this build before relying on them
-        packed = [PackedLinear(linear, dtype) for _, _, linear in linears]
+        packed = [packed_linear(linear, dtype) for _, _, linear in linears]
         fused = [PackedMLP(mlp, dtype) for _, _, mlp in mlps]
         probes = [(linears[0][2], packed[0])] + ([(mlps[0][2], fused[0])] if mlps else [])
         for reference, new in probes:
-            width = new.in_features if isinstance(new, PackedLinear) else new.c_fc.in_features
+            width = new.c_fc.in_features if isinstance(new, PackedMLP) else new.in_features
             x = torch.randn(2, width, generator=torch.Generator().manual_seed(0)).to(next(reference.parameters()).dtype)
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                expected = reference(x).float()  # what autocast computes, or plain fp32
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16)):
+                expected = reference(x).float()  # what autocast computes, or plain fp32 (int8 too)
             got = new(x)
             tolerance = 2e-2 * expected.abs().max().item()
             if got.dtype != x.dtype or not torch.allclose(got.float(), expected, rtol=2e-2, atol=tolerance):
@@ -162,8 +249,8 @@ _COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def decoding_copy(model, dtype: torch.dtype | None = None):
     """The model as the cached decoder runs it, with matmul weights in `dtype` (None: the model's).
 
-    On the CPU: a copy whose Linear layers are PackedLinear in `dtype` and everything else as in
-    the model (bf16 attention kernels are slow at one query per row, and fp32 keeps the KV cache
+    On the CPU: a copy whose Linear layers are PackedLinear in `dtype` (Int8Linear for torch.int8)
+    and everything else as in the model (bf16 attention kernels are slow at one query per row, and fp32 keeps the KV cache
     exact). Elsewhere: the model itself, or a copy cast to `dtype`. Made once per model and dtype,
     and again whenever a weight of `model` changed since (its version counter tells).
     """
@@ -181,6 +268,9 @@ def decoding_copy(model, dtype: torch.dtype | None = None):
         with new_memory_on_huge_pages():  # the packed weights, streamed at every step (hugepages.py)
             packed = pack_linears(fast, dtype)
         if not packed:
+            if dtype == torch.int8:
+                raise UserError("int8 decoding needs the model on a CPU and PyTorch's fbgemm kernels, which "
+                                "failed their check here; use --dtype bf16 or auto")
             if dtype == weight.dtype:
                 return model  # nothing to gain from a copy (and the cache must not hold the model)
             fast = fast.to(dtype)
@@ -210,9 +300,9 @@ class DecodeStep:
     @classmethod
     def of(cls, model) -> "DecodeStep | None":
         """The step of a decoding copy, or None where its Linear layers are not packed."""
-        blocks = model.transformer.h
-        packed = isinstance(model.lm_head, PackedLinear) and all(
-            isinstance(b.attn.c_attn, PackedLinear) and isinstance(b.attn.c_proj, PackedLinear)
+        blocks, linears = model.transformer.h, (PackedLinear, Int8Linear)
+        packed = isinstance(model.lm_head, linears) and all(
+            isinstance(b.attn.c_attn, linears) and isinstance(b.attn.c_proj, linears)
             and isinstance(b.mlp, PackedMLP) for b in blocks)
         return cls(model) if packed else None
 

@@ -236,9 +236,9 @@ def memorization_summary(completions: list[dict], n: int) -> dict:
 
 
 def complete(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float, top_k, top_p,
-             seed: int, batch_size: int, device, completions_per_prompt: int = 1) -> list[dict]:
+             seed: int, batch_size: int, device, completions_per_prompt: int = 1, dtype=None) -> list[dict]:
     """`completions_per_prompt` completions of each beginning (its copies side by side), reproducible
-    from `seed` (and the batch size)."""
+    from `seed` (and the batch size). dtype: the decoding weights (see `tinystories.generate.stream`)."""
     import torch
     from tqdm import tqdm
 
@@ -254,7 +254,7 @@ def complete(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
         ids = [[eot] + tokenizer.encode(prompt) for _, _, prompt in batch]  # a story starts after end-of-text
         with torch.inference_mode():  # no autograd graph: it would keep every step's activations alive
             new = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           eot_id=eot, generator=generator)
+                           eot_id=eot, generator=generator, dtype=dtype)
         for j, ((prompt_id, sample, prompt), tokens) in enumerate(zip(batch, new)):
             ended = bool(tokens) and tokens[-1] == eot
             body = tokens[:-1] if ended else tokens
@@ -375,6 +375,7 @@ def markdown_report(report: dict, samples: int) -> str:
 
 def run(args) -> int:
     from tinystories.checkpoint import load_checkpoint, read_checkpoint_config
+    from tinystories.decoding import decode_dtype
     from tinystories.device import pick_device
     from tinystories.generate import check_sampling
     from tinystories.outputs import check_output_dir, check_output_file, write_file
@@ -396,6 +397,9 @@ def run(args) -> int:
             raise UserError("--judge-url needs --judge-model (the model name the endpoint serves)")
         judge = JudgeClient(args.judge_url, args.judge_model, os.environ.get(args.judge_key_env) or None,
                             rate=args.judge_rate, retries=args.judge_retries)
+    device = pick_device(args.device)
+    dtype_name = getattr(args, "dtype", None) or "fp32"
+    dtype = decode_dtype(device, dtype_name)
     prompts = prompt_set.prompts
     out = check_output_dir(args.out, "--out")  # before the generation, not after it
     for name in ("quality.json", "quality.md"):
@@ -416,13 +420,12 @@ def run(args) -> int:
         index = NgramIndex.open_or_build(index_path, train, n=args.ngram, source=train_file)
         index_seconds = time.perf_counter() - t0
 
-    device = pick_device(args.device)
     ckpt = load_checkpoint(args.checkpoint, device)
     t0 = time.perf_counter()
     completions = complete(ckpt.model, ckpt.tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                            temperature=sampling["temperature"], top_k=args.top_k, top_p=sampling["top_p"],
                            seed=args.seed, batch_size=args.batch_size, device=device,
-                           completions_per_prompt=sampling["completions_per_prompt"])
+                           completions_per_prompt=sampling["completions_per_prompt"], dtype=dtype)
     generate_seconds = time.perf_counter() - t0
 
     memorization = None
@@ -461,6 +464,7 @@ def run(args) -> int:
             "top_p": sampling["top_p"],
             "batch_size": args.batch_size,
             "device": str(device),
+            "decode_dtype": dtype_name,
             "prompt_prefix": "end-of-text token",
             "ngram": args.ngram if index is not None else None,
             "model": ckpt.config.get("model"),

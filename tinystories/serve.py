@@ -284,7 +284,7 @@ class Cancelled(Exception):
 
 
 def completion_pieces(model, tokenizer, prompt_ids: list[int], request: CompletionRequest,
-                      cancelled: threading.Event) -> Iterator[Piece]:
+                      cancelled: threading.Event, dtype=None) -> Iterator[Piece]:
     """Run one request's generation with its own KV cache; yield text as soon as it is whole."""
     import torch
 
@@ -299,7 +299,8 @@ def completion_pieces(model, tokenizer, prompt_ids: list[int], request: Completi
     # inference_mode is per thread: each worker must enter it itself.
     with torch.inference_mode():
         steps = stream(model, [prompt_ids], request.max_tokens, temperature=request.temperature,
-                       top_k=request.top_k, top_p=request.top_p, eot_id=tokenizer.eot_id, generator=generator)
+                       top_k=request.top_k, top_p=request.top_p, eot_id=tokenizer.eot_id, generator=generator,
+                       dtype=dtype)
         for (token,) in steps:
             if cancelled.is_set():
                 raise Cancelled()
@@ -319,8 +320,9 @@ _END = object()
 class Engine:
     """The model, loaded once, and the pool of threads that run it for the requests."""
 
-    def __init__(self, checkpoint, model_id: str, max_tokens_cap: int, concurrency: int):
+    def __init__(self, checkpoint, model_id: str, max_tokens_cap: int, concurrency: int, dtype=None):
         self.model = checkpoint.model
+        self.dtype = dtype  # the decoding weights (tinystories.decoding.decode_dtype)
         self.tokenizer = checkpoint.tokenizer
         self.model_id = model_id
         self.max_tokens_cap = max_tokens_cap
@@ -355,7 +357,7 @@ class Engine:
             try:
                 if cancelled.is_set():  # the client left while this request waited for a thread
                     return
-                for piece in completion_pieces(self.model, self.tokenizer, prompt_ids, request, cancelled):
+                for piece in completion_pieces(self.model, self.tokenizer, prompt_ids, request, cancelled, self.dtype):
                     put(piece)
             except Cancelled:
                 pass
@@ -684,6 +686,7 @@ def run(args) -> int:
     except ImportError:
         raise UserError("tinystories serve needs starlette and uvicorn: pip install 'tinystories[serve]'") from None
     from tinystories.checkpoint import load_checkpoint
+    from tinystories.decoding import decode_dtype
     from tinystories.device import pick_device
 
     if not 0 <= args.port <= 65535:
@@ -692,11 +695,13 @@ def run(args) -> int:
     sock = bind(args.host, args.port)
     port = sock.getsockname()[1]
     try:
-        ckpt = load_checkpoint(args.checkpoint, pick_device(args.device))
+        device = pick_device(args.device)
+        dtype = decode_dtype(device, getattr(args, "dtype", None) or "fp32")
+        ckpt = load_checkpoint(args.checkpoint, device)
     except BaseException:
         sock.close()
         raise
-    engine = Engine(ckpt, args.model_name or model_id_for(ckpt.path), args.max_tokens_cap, args.concurrency)
+    engine = Engine(ckpt, args.model_name or model_id_for(ckpt.path), args.max_tokens_cap, args.concurrency, dtype)
     app = create_app(engine)
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     n_params = sum(p.numel() for p in engine.model.parameters())
