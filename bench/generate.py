@@ -273,8 +273,14 @@ def agreement(args) -> None:
 
     sets = {"stories": np.asarray([t for s in stories for t in tokenizer.encode(s) + [tokenizer.eot_id]], dtype=np.int64)}
     if args.data:
-        from tinystories.data import open_split
+        from tinystories.data import open_split, read_meta
+        from tinystories.tokenizer import check_same_tokenizer
 
+        if args.checkpoint:
+            from tinystories.checkpoint import read_checkpoint_config
+
+            check_same_tokenizer(read_checkpoint_config(args.checkpoint)["tokenizer"], read_meta(args.data)["tokenizer"],
+                                 f"checkpoint {args.checkpoint}", f"data {args.data}")
         test = np.asarray(open_split(args.data, "test")[: args.test_tokens], dtype=np.int64)
         ends = np.nonzero(test == tokenizer.eot_id)[0]
         sets[f"test split of {args.data} (first {ends[-1] + 1:,} tokens)"] = test[: ends[-1] + 1]  # whole stories

@@ -294,6 +294,25 @@ def test_int8_decoding_logits_are_close_and_argmax_mostly_agrees():
 
 
 @needs_int8
+def test_int8_copy_of_a_swiglu_model_with_outlier_weights_is_made():
+    # A trained Llama-layout `tiny` rounds its SwiGLU MLP to 2.4 % of the largest output on random
+    # inputs (outlier weights widen each row's scale). The kernel check must let rounding through.
+    from tinystories.decoding import PackedMLP
+
+    model = random_model(scale=1.0, pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "wte" not in name:
+                p[:, ::16] *= 20.0  # an outlier column in every row
+    mlp, x = model.transformer.h[0].mlp, torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        error = (PackedMLP(mlp, torch.int8)(x) - mlp(x)).abs().max() / mlp(x).abs().max()
+    assert error > 0.02  # rounding as large as the trained model's
+    fast = decoding_copy(model, torch.int8)
+    assert isinstance(fast.transformer.h[0].mlp.c_fc, Int8Linear)
+
+
+@needs_int8
 def test_cached_int8_decoding_follows_the_int8_oracle():
     # The oracle here is a full forward of the int8 copy at every step. Each int8 matmul quantizes
     # its input with one scale per call, so a full forward (every position in one call) and a
@@ -356,7 +375,7 @@ def test_int8_loss_is_within_1_percent_of_the_models_on_a_trained_model(v1_train
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
-@pytest.mark.parametrize("case", ["plain", "padded", "gpt-neo"])
+@pytest.mark.parametrize("case", ["plain", "padded", "gpt-neo", "llama"])
 def test_flat_decode_step_equals_the_models_forward(dtype, case):
     from tinystories.decoding import DecodeStep
 
@@ -365,6 +384,8 @@ def test_flat_decode_step_equals_the_models_forward(dtype, case):
     kw = {}
     if case == "gpt-neo":  # a local layer whose window (5) the cache outgrows, no attention scaling
         kw = dict(attention_layers=("global", "local"), window_size=5, scale_attention=False, qkv_bias=False)
+    if case == "llama":  # RoPE, RMSNorm, a SwiGLU MLP (whose product of two int8 matmuls is the hardest probe)
+        kw = dict(pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False)
     fast = decoding_copy(random_model(**kw), dtype)
     step = DecodeStep.of(fast)
     assert step is not None

@@ -224,7 +224,10 @@ def pack_linears(model: nn.Module, dtype: torch.dtype) -> bool:
             with torch.autocast("cpu", dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16)):
                 expected = reference(x).float()  # what autocast computes, or plain fp32 (int8 too)
             got = new(x)
-            tolerance = 2e-2 * expected.abs().max().item()
+            # int8 rounds inputs and weights to 8 bits, twice in a SwiGLU product: a few % of the
+            # largest output on random inputs. This catches a broken kernel, not rounding (what
+            # rounding costs in loss is measured, BENCHMARKS.md).
+            tolerance = (0.1 if dtype == torch.int8 else 2e-2) * expected.abs().max().item()
             if got.dtype != x.dtype or not torch.allclose(got.float(), expected, rtol=2e-2, atol=tolerance):
                 return False
     except (AttributeError, RuntimeError, NotImplementedError):
