@@ -106,10 +106,12 @@ def setup_side(side: str, args):
     """One side's repetition: a function returning (seconds, a check value) or llama-bench's rates."""
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if kind(side) == "llama":
         gguf = next(g for g in args.gguf if f"llama.cpp:{Path(g).name}" == side)
         cmd = [args.llama_bench, "-m", gguf, "-p", str(args.prompt_tokens), "-n", str(args.new_tokens),
-               "-r", "1", "-o", "json"]
+               "-r", "1", "-o", "json", "-t", str(torch.get_num_threads())]  # the threads our sides use
 
         def once():
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600).stdout
@@ -189,10 +191,12 @@ def compare(args) -> None:
         if not Path(args.llama_bench).is_file():
             raise SystemExit(f"--llama-bench {args.llama_bench}: no such file (the benchmark runs one, never builds it)")
         sides += [f"llama.cpp:{Path(g).name}" for g in args.gguf]
-    print(f"{args.checkpoint or '33m preset, random weights (seed 0)'}: decode {args.new_tokens} greedy tokens per row, "
+    print(f"threads per side: {args.threads or 'torch default'}; "
+          f"{args.checkpoint or '33m preset, random weights (seed 0)'}: decode {args.new_tokens} greedy tokens per row, "
           f"prefill one {args.prompt_tokens}-token prompt; {args.warmup} warm-up + {args.rounds} timed runs per side; "
           f"load average before: {load_average()}", flush=True)
     extra = ["--new-tokens", str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens)]
+    extra += ["--threads", str(args.threads)] if args.threads else []
     extra += ["--checkpoint", args.checkpoint] if args.checkpoint else []
     extra += ["--llama-bench", args.llama_bench, "--gguf", *args.gguf] if args.llama_bench else []
 
@@ -303,6 +307,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=256, help="tokens of the prefill sides' prompt")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs per side first")
     ap.add_argument("--rounds", type=int, default=5, help="timed runs per side (medians reported)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads of every side, llama.cpp's included (default: torch's, one per core)")
     ap.add_argument("--llama-bench", default=None, metavar="PATH", help="an existing llama-bench binary to time too")
     ap.add_argument("--gguf", nargs="+", default=[], metavar="FILE", help="GGUF files for --llama-bench, one side each")
     ap.add_argument("--agreement", type=int, default=0, metavar="N",
