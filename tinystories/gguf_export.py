@@ -48,6 +48,9 @@ Tokenizer. Both of ours are byte-level BPEs with GPT-2's pre-tokenizer, which ll
 <|endoftext|> is a control token and serves as bos, eos and padding; add_bos_token is false,
 because our prompts start bare (as `tinystories generate` feeds them). A model whose vocab_size is
 larger than the tokenizer's gets unused "[PAD<id>]" tokens in the gaps (as llama.cpp's converter).
+One difference no key can turn off: for "gpt-2" llama.cpp's whole-text detokenizer (not the
+token-by-token printing of llama-simple or llama-cli) drops a space before punctuation, as Hugging
+Face's clean_up_tokenization_spaces does; our decode gives back the exact text.
 Also written: the sampling defaults of `tinystories generate` (general.sampling.temp 0.8, top_p
 0.95, top_k 0 = off), which newer llama.cpp reads, and `tinystories.*` keys saying where it came
 from (step, val loss, tokenizer, version).
