@@ -62,6 +62,7 @@ it replaces) is fine; an existing file that is anything else is refused with one
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from pathlib import Path
@@ -116,8 +117,10 @@ def export_gguf(checkpoint_path, out_file, outtype: str = DEFAULT_OUTTYPE) -> Pa
             os.fsync(f.fileno())
 
     note = "the earlier file there is unchanged" if out.exists() else "nothing was written"
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):  # left by an export that was killed
+        stale.unlink()
     try:
-        return write_file(out, b"", write=write)
+        return write_file(out, b"", write=write)  # write(tmp) makes the file, renamed to `out` when complete
     except UserError as e:
         raise UserError(f"{e}; {note}") from None
 
