@@ -1,6 +1,6 @@
 """Export a checkpoint as a Hugging Face `transformers` model folder: GPT2LMHeadModel, or
 GPTNeoForCausalLM for GPT-Neo models, LlamaForCausalLM or Qwen3ForCausalLM for the Llama layout
-(see "Which class" below).
+(see "Which class" below). `--format gguf` writes one GGUF file for llama.cpp instead: gguf_export.py.
 
     tinystories export --checkpoint runs/tiny --out hf/tiny-stories
     export_hf("runs/tiny", "hf/tiny-stories")     # the same, from Python; returns the folder
@@ -229,8 +229,9 @@ def hf_family(cfg) -> str:
 def layout_differences(cfg) -> tuple[list[str], list[str]]:
     """The options of `cfg` in the way of the GPT-2 layout and of the Llama layout ("name=value" each).
 
-    Both empty lists never happen; an empty one names the family that holds the model (GPT-2's
-    includes GPT-Neo: see is_neo). The GGUF export (gguf_export.py) decides with the same lists.
+    An empty list names the family that holds the model (GPT-2's includes GPT-Neo: see is_neo); the
+    two are never both empty (GPT-2 needs learned positions, Llama RoPE). The GGUF export
+    (gguf_export.py) decides with the same lists.
     """
     gpt2 = _differences(cfg, GPT2_LAYOUT)
     llama = _differences(cfg, LLAMA_LAYOUT)
