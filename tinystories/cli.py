@@ -295,10 +295,13 @@ def _add_plot(sub) -> None:
 
 def _add_serve(sub) -> None:
     p = sub.add_parser(
-        "serve", formatter_class=_Formatter, help="a web page and an OpenAI-style completions API",
+        "serve", formatter_class=_Formatter, help="a web page and OpenAI-style completions and chat APIs",
         description=(
             "Serve a model over HTTP: a page at / to write stories in the browser, POST /v1/completions "
-            "(OpenAI completions format, streaming as server-sent events), GET /v1/models and GET /health. "
+            "(OpenAI completions format, streaming as server-sent events), POST /v1/chat/completions (OpenAI "
+            "chat format, for chat front-ends: the story model continues the last user message as the "
+            "beginning of a story; system, developer and earlier messages are not shown to it), "
+            "GET /v1/models and GET /health. "
             "Needs starlette and uvicorn (pip install 'tinystories[serve]')."
         ),
     )

@@ -1,15 +1,20 @@
-"""A web page and an OpenAI-style completions API for a trained model: `tinystories serve`.
+"""A web page and OpenAI-style completions and chat APIs for a trained model: `tinystories serve`.
 
     tinystories serve --checkpoint out/run              # then open http://127.0.0.1:8000/
     curl -s 127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"prompt": "Once upon a time", "max_tokens": 100, "temperature": 0.8, "seed": 1}'
+    curl -s 127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"messages": [{"role": "user", "content": "Once upon a time"}], "max_tokens": 100}'
 
 Routes (Starlette on uvicorn):
-    GET  /                 a page: type a story beginning, pick the sampling settings, watch it written
-    POST /v1/completions   OpenAI's completions format; "stream": true sends server-sent events
-                           `data: {chunk}` and ends with `data: [DONE]`
-    GET  /v1/models        the one model served
-    GET  /health           status, model id, the max_tokens cap and the model's shape (the page reads it)
+    GET  /                      a page: type a story beginning, pick the sampling settings, watch it written
+    POST /v1/completions        OpenAI's completions format; "stream": true sends server-sent events
+                                `data: {chunk}` and ends with `data: [DONE]`
+    POST /v1/chat/completions   OpenAI's chat format, for chat front-ends; streamed the same way, in
+                                `chat.completion.chunk`s (the first names the role, the text comes in
+                                `delta`s, the last delta is empty and carries finish_reason)
+    GET  /v1/models             the one model served, with a description saying what chat does with it
+    GET  /health                status, model id, the max_tokens cap and the model's shape (the page reads it)
 
 Request fields: prompt (a non-empty string, or a list holding one), max_tokens (1 to the server's
 --max-tokens-cap; default 256 or the cap if lower), temperature (0 to 2, default 1; 0 is greedy;
@@ -21,6 +26,18 @@ that answered), n = 1, user. OpenAI fields this server cannot honour (stop, echo
 logit_bias) are refused when set to anything but their neutral value, and unknown fields are refused,
 so a client never silently gets something other than what it asked for. Every refusal is a 4xx in
 OpenAI's error shape: {"error": {"message", "type", "param", "code"}}.
+
+Chat: the model writes stories; it has no notion of a conversation. It continues the last message,
+which must be the user's (else a 400), as the beginning of a story, and the assistant's reply is
+the rest of the story (as a completion of that text would be: same seed, same words). System,
+developer and earlier user and assistant messages are checked (role, content a string or a list
+of text parts) but not shown to the model: a front-end that always sends a system prompt, or the
+whole conversation, still works and gets what the last message alone would get. Refusing them
+would break such front-ends; feeding them to a model that has only seen stories would write
+nonsense. Roles tool and function, images, tools and structured output are refused. The chat
+request takes the same fields as a completion's (messages instead of prompt; max_completion_tokens
+is the chat format's name for max_tokens, either may be sent) and the same checks, in shared code
+(`parse_sampling`), and the same error shape.
 
 Choices made here:
 - max_tokens above the cap is refused with a 400 that names the cap (not clamped): a client that asked
@@ -71,7 +88,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 from tinystories.errors import UserError
 
@@ -89,6 +106,10 @@ SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
 # A completions request nests 2 deep at most ({"stream_options": {...}}). JSON nested thousands
 # deep makes json.loads (and anything that walks the value) hit Python's recursion limit.
 MAX_JSON_DEPTH = 32
+# What /v1/models says of the model (a chat front-end shows it): this is no chat assistant.
+MODEL_CARD = ("A TinyStories story model, not a chat assistant. /v1/completions continues the prompt; "
+              "/v1/chat/completions continues the last user message as the beginning of a story (system, "
+              "developer and earlier messages are not shown to the model), and the reply is the rest of the story.")
 
 
 @dataclass(frozen=True)
@@ -122,7 +143,9 @@ class ApiError(Exception):
 
 @dataclass(frozen=True)
 class CompletionRequest:
-    prompt: str
+    """A checked request, completions or chat: what to continue and how to sample."""
+
+    prompt: str  # the story beginning (chat: the last user message)
     max_tokens: int
     temperature: float
     top_p: float | None  # None: keep every token
@@ -144,8 +167,31 @@ NEUTRAL = {
     "logit_bias": (None, {}),
     "n": (None, 1),
 }
-KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stream",
-         "stream_options", "user", *NEUTRAL}
+# Every request shares these (parse_sampling reads them); each format adds its own.
+SAMPLING = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stream", "stream_options", "user"}
+KNOWN = {"prompt", *SAMPLING, *NEUTRAL}
+
+# The chat format's own fields of that kind (tools, structured output, logprobs: a story model has none).
+CHAT_NEUTRAL = {
+    "stop": (None, [], ""),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "frequency_penalty": (None, 0),
+    "presence_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "n": (None, 1),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "response_format": (None, {"type": "text"}),
+    "modalities": (None, ["text"]),
+    "store": (None, False),
+    "metadata": (None, {}),
+}
+CHAT_KNOWN = {"messages", "max_completion_tokens", *SAMPLING, *CHAT_NEUTRAL}
+# Roles of the messages a chat request may hold, and the fields of a message.
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+MESSAGE_FIELDS = {"role", "content", "name"}
 
 
 def _is_int(value) -> bool:
@@ -191,37 +237,40 @@ def parse_json_body(raw: bytes):
     return body
 
 
-def parse_completion_request(body, max_tokens_cap: int) -> CompletionRequest:
-    """Check a decoded JSON request body; raise ApiError(400, ...) saying what is wrong."""
+def check_fields(body, known: set[str], neutral: dict) -> None:
+    """Refuse a body that is not an object, an unknown field, or a field we cannot honour set to
+    anything but its neutral value: a client never silently gets less than it asked for."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    unknown = sorted(set(body) - KNOWN)
+    unknown = sorted(set(body) - known)
     if unknown:
         name = unknown[0] if len(unknown[0]) <= 60 else unknown[0][:57] + "..."  # a key is any string
-        raise ApiError(400, f"unrecognized request argument: {name} (supported: {', '.join(sorted(KNOWN))})", name)
-    for name, neutral in NEUTRAL.items():
-        if name in body and body[name] not in neutral:
+        raise ApiError(400, f"unrecognized request argument: {name} (supported: {', '.join(sorted(known))})", name)
+    for name, values in neutral.items():
+        if name in body and body[name] not in values:
             raise ApiError(400, f"{name}={_show(body[name])} is not supported by this server (leave it out)", name)
 
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]  # OpenAI clients may send a batch of one
-    if isinstance(prompt, list):
-        raise ApiError(400, "prompt must be one string (batches and token arrays are not supported)", "prompt")
-    if not isinstance(prompt, str) or not prompt:
-        raise ApiError(400, "prompt must be a non-empty string: the beginning of a story", "prompt")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise ApiError(400, f"prompt has {len(prompt):,} characters; the most this server takes is "
-                            f"{MAX_PROMPT_CHARS:,}", "prompt")
 
-    max_tokens = body.get("max_tokens")
+def check_prompt(prompt: str, param: str) -> str:
+    """A story beginning: non-empty, at most MAX_PROMPT_CHARS characters."""
+    if not prompt:
+        raise ApiError(400, f"{param} must be a non-empty string: the beginning of a story", param)
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ApiError(400, f"{param} has {len(prompt):,} characters; the most this server takes is "
+                            f"{MAX_PROMPT_CHARS:,}", param)
+    return prompt
+
+
+def parse_sampling(body: dict, prompt: str, max_tokens_cap: int, max_tokens_name: str = "max_tokens") -> CompletionRequest:
+    """The fields every request shares, checked (max_tokens read from `max_tokens_name`)."""
+    max_tokens = body.get(max_tokens_name)
     if max_tokens is None:
         max_tokens = min(DEFAULT_MAX_TOKENS, max_tokens_cap)
     if not _is_int(max_tokens) or max_tokens < 1:
-        raise ApiError(400, f"max_tokens must be an integer >= 1, got {_show(max_tokens)}", "max_tokens")
+        raise ApiError(400, f"{max_tokens_name} must be an integer >= 1, got {_show(max_tokens)}", max_tokens_name)
     if max_tokens > max_tokens_cap:
-        raise ApiError(400, f"max_tokens is {max_tokens}, more than this server allows ({max_tokens_cap}, "
-                            "its --max-tokens-cap); ask for fewer", "max_tokens")
+        raise ApiError(400, f"{max_tokens_name} is {max_tokens}, more than this server allows ({max_tokens_cap}, "
+                            "its --max-tokens-cap); ask for fewer", max_tokens_name)
 
     temperature = body.get("temperature")
     temperature = 1.0 if temperature is None else temperature
@@ -264,6 +313,71 @@ def parse_completion_request(body, max_tokens_cap: int) -> CompletionRequest:
         seed=None if seed is None else seed % (1 << 64),
         stream=bool(stream), include_usage=bool((options or {}).get("include_usage", False)),
     )
+
+
+def parse_completion_request(body, max_tokens_cap: int) -> CompletionRequest:
+    """Check a decoded /v1/completions body; raise ApiError(400, ...) saying what is wrong."""
+    check_fields(body, KNOWN, NEUTRAL)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]  # OpenAI clients may send a batch of one
+    if isinstance(prompt, list):
+        raise ApiError(400, "prompt must be one string (batches and token arrays are not supported)", "prompt")
+    if not isinstance(prompt, str):
+        prompt = ""  # refused below, with the same message as an empty one
+    return parse_sampling(body, check_prompt(prompt, "prompt"), max_tokens_cap)
+
+
+def message_text(message, index: int) -> str:
+    """The text of messages[index], checked: a string, or a list of {"type": "text", "text": ...} parts."""
+    param = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise ApiError(400, f"{param} must be an object with a role and a content", param)
+    unknown = sorted(set(message) - MESSAGE_FIELDS)
+    if unknown:
+        name = unknown[0] if len(unknown[0]) <= 60 else unknown[0][:57] + "..."
+        raise ApiError(400, f"{param} has a field this server does not take: {name} (a message may hold "
+                            f"{', '.join(sorted(MESSAGE_FIELDS))})", f"{param}.{name}")
+    role = message.get("role")
+    if role not in CHAT_ROLES:
+        raise ApiError(400, f"{param}.role must be one of {', '.join(CHAT_ROLES)}, got {_show(role)} "
+                            "(a story model has no tools)", f"{param}.role")
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and set(p) == {"type", "text"}
+                                         and isinstance(p["text"], str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise ApiError(400, f"{param}.content must be a string or a list of text parts "
+                        '([{"type": "text", "text": "..."}]; a story model reads only text)', f"{param}.content")
+
+
+def parse_chat_request(body, max_tokens_cap: int) -> CompletionRequest:
+    """Check a decoded /v1/chat/completions body; the prompt is the last message, the user's.
+
+    A story model has no notion of turns: it continues the last user message as the beginning of
+    a story. System, developer and earlier messages are checked like the last but not shown to the
+    model (so a front-end that always sends a system prompt still works, and gets what it would
+    get without one). max_completion_tokens is the chat format's newer name for max_tokens.
+    """
+    check_fields(body, CHAT_KNOWN, CHAT_NEUTRAL)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list of {role, content} objects, the last the user's "
+                            "story beginning", "messages")
+    texts = [message_text(m, i) for i, m in enumerate(messages)]
+    if messages[-1]["role"] != "user":
+        raise ApiError(400, f"the last of the messages must be the user's (the story beginning to continue), "
+                            f"not {_show(messages[-1]['role'])}", f"messages[{len(messages) - 1}].role")
+    prompt = check_prompt(texts[-1], f"messages[{len(messages) - 1}].content")
+
+    name = "max_tokens"
+    if body.get("max_completion_tokens") is not None:
+        name = "max_completion_tokens"
+        if body.get("max_tokens") is not None and body["max_tokens"] != body["max_completion_tokens"]:
+            raise ApiError(400, "max_tokens and max_completion_tokens are two names for one limit; send one",
+                           "max_tokens")
+    return parse_sampling(body, prompt, max_tokens_cap, name)
 
 
 # -----------------------------------------------------------------------------
@@ -329,7 +443,7 @@ class Engine:
         self.device = str(next(self.model.parameters()).device)
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="tinystories-generate")
 
-    def encode_prompt(self, prompt: str) -> list[int]:
+    def encode_prompt(self, prompt: str, param: str = "prompt") -> list[int]:
         """The prompt's token ids (end-of-text for an empty one); ApiError(400) for text that is not
         valid Unicode, refused by the tokenizer as it is for every caller."""
         from tinystories.tokenizer import InvalidTextError
@@ -337,7 +451,7 @@ class Engine:
         try:
             return self.tokenizer.encode(prompt) or [self.tokenizer.eot_id]
         except InvalidTextError as e:
-            raise ApiError(400, f"prompt: {e}", "prompt") from None
+            raise ApiError(400, f"{param}: {e}", param) from None
 
     async def pieces(self, request: CompletionRequest, prompt_ids: list[int]) -> AsyncIterator[Piece]:
         """The request's pieces, generated in the pool and handed to the event loop through a queue."""
@@ -390,6 +504,50 @@ def completion_body(cid: str, created: int, model_id: str, text: str, finish_rea
     if usage is not None:
         body["usage"] = usage
     return body
+
+
+def chat_body(cid: str, created: int, model_id: str, text: str, finish_reason: str, usage: dict) -> dict:
+    return {
+        "id": cid, "object": "chat.completion", "created": created, "model": model_id,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                     "logprobs": None, "finish_reason": finish_reason}],
+        "usage": usage,
+    }
+
+
+def chat_chunk(cid: str, created: int, model_id: str, delta: dict, finish_reason: str | None) -> dict:
+    return {
+        "id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How one API writes a completion: whole, and as the chunks of a stream."""
+
+    id_prefix: str
+    chunk_object: str  # the "object" of a streamed chunk
+    prompt_param: str  # the field an encoding error names
+    whole: Callable  # (cid, created, model_id, text, finish_reason, usage) -> the response body
+    opening: Callable  # (cid, created, model_id) -> chunks sent before any text
+    chunks: Callable  # (cid, created, model_id, text, finish_reason or None) -> chunks for one piece
+
+
+COMPLETION = Shape(
+    "cmpl", "text_completion", "prompt", whole=completion_body, opening=lambda *ids: [],
+    chunks=lambda cid, created, model_id, text, finish: [completion_body(cid, created, model_id, text, finish)],
+)
+# Chat streams as OpenAI's does: a first chunk naming the role, the text in deltas, then an empty
+# delta carrying finish_reason.
+CHAT = Shape(
+    "chatcmpl", "chat.completion.chunk", "messages", whole=chat_body,
+    opening=lambda cid, created, model_id: [chat_chunk(cid, created, model_id, {"role": "assistant", "content": ""},
+                                                       None)],
+    chunks=lambda cid, created, model_id, text, finish: (
+        ([chat_chunk(cid, created, model_id, {"content": text}, None)] if text else [])
+        + ([chat_chunk(cid, created, model_id, {}, finish)] if finish is not None else [])),
+)
 
 
 def usage_of(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -460,34 +618,35 @@ def create_app(engine: Engine, limits: Limits = Limits()):
 
     async def models(request: Request):
         return JSONResponse({"object": "list", "data": [
-            {"id": engine.model_id, "object": "model", "created": engine.created, "owned_by": "tinystories"},
+            {"id": engine.model_id, "object": "model", "created": engine.created, "owned_by": "tinystories",
+             "description": MODEL_CARD},
         ]})
 
-    async def completions(request: Request):
-        body = parse_json_body(await read_body(request, limits))
-        req = parse_completion_request(body, engine.max_tokens_cap)
-        prompt_ids = engine.encode_prompt(req.prompt)
-        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    async def answer(request: Request, parse, shape: "Shape"):
+        """One completion in `shape`'s format: the whole of it, or streamed as server-sent events."""
+        req = parse(parse_json_body(await read_body(request, limits)), engine.max_tokens_cap)
+        prompt_ids = engine.encode_prompt(req.prompt, shape.prompt_param)
+        cid, created, model_id = f"{shape.id_prefix}-{uuid.uuid4().hex}", int(time.time()), engine.model_id
 
         if not req.stream:
             text, last = [], None
             async for piece in engine.pieces(req, prompt_ids):
                 text.append(piece.text)
                 last = piece
-            return JSONResponse(completion_body(cid, created, engine.model_id, "".join(text), last.finish_reason,
-                                                usage_of(len(prompt_ids), last.completion_tokens)))
+            return JSONResponse(shape.whole(cid, created, model_id, "".join(text), last.finish_reason,
+                                            usage_of(len(prompt_ids), last.completion_tokens)))
 
         async def events() -> AsyncIterator[bytes]:
             try:
+                for chunk in shape.opening(cid, created, model_id):
+                    yield sse(chunk)
                 async for piece in engine.pieces(req, prompt_ids):
-                    if piece.finish_reason is None:
-                        yield sse(completion_body(cid, created, engine.model_id, piece.text, None))
-                        continue
-                    yield sse(completion_body(cid, created, engine.model_id, piece.text, piece.finish_reason))
-                    if req.include_usage:  # OpenAI's shape: no choices, only the counts
+                    for chunk in shape.chunks(cid, created, model_id, piece.text, piece.finish_reason):
+                        yield sse(chunk)
+                    if piece.finish_reason is not None and req.include_usage:  # OpenAI's shape: only the counts
                         usage = usage_of(len(prompt_ids), piece.completion_tokens)
-                        yield sse({"id": cid, "object": "text_completion", "created": created,
-                                   "model": engine.model_id, "choices": [], "usage": usage})
+                        yield sse({"id": cid, "object": shape.chunk_object, "created": created, "model": model_id,
+                                   "choices": [], "usage": usage})
             except Exception as e:  # the status line is long gone: report in the stream, as OpenAI does
                 print(f"tinystories serve: generation failed: {type(e).__name__}: {e}", file=sys.stderr)
                 yield sse(ApiError(500, f"generation failed: {type(e).__name__}", type="server_error").body())
@@ -495,6 +654,12 @@ def create_app(engine: Engine, limits: Limits = Limits()):
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def completions(request: Request):
+        return await answer(request, parse_completion_request, COMPLETION)
+
+    async def chat_completions(request: Request):
+        return await answer(request, parse_chat_request, CHAT)
 
     class ErrorResponse(JSONResponse):
         """JSON in ASCII: an error may quote what the client sent, and a lone surrogate in it (valid
@@ -527,6 +692,7 @@ def create_app(engine: Engine, limits: Limits = Limits()):
         Route("/health", health, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan,
                      exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error})
@@ -701,7 +867,7 @@ def run(args) -> int:
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     n_params = sum(p.numel() for p in engine.model.parameters())
     print(f"tinystories serve: {engine.model_id} ({n_params / 1e6:.2f}M parameters, {engine.tokenizer.name}) "
-          f"on {engine.device}, at http://{shown_host}:{port}/ (API: POST /v1/completions; Ctrl-C stops)",
+          f"on {engine.device}, at http://{shown_host}:{port}/ (API: POST /v1/completions, /v1/chat/completions; Ctrl-C stops)",
           flush=True)
     uvicorn.Server(uvicorn_config(app, args.host, port)).run(sockets=[sock])
     return 0
