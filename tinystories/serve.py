@@ -44,21 +44,22 @@ Choices made here:
   for 2,000 tokens should learn it cannot have them rather than get a shorter story it cannot explain.
 - completion_tokens counts every sampled token, the end-of-text included; the text leaves it out.
   finish_reason is "stop" when the model ended the story, "length" when max_tokens ran out.
-- The model is loaded once, before the server listens. Each request runs its own `stream()` call with
-  its own KV cache in a pool of --concurrency threads (torch releases the GIL inside its kernels, and
-  a module in eval mode with separate caches is safe to call from several threads: nothing in it is
-  written during a forward pass). Requests past the pool wait their turn; the event loop only moves
-  text, so the page and /health stay responsive while the model works. Measured on 2 busy CPU
-  cores with the `tiny` preset's shape, 20 concurrent 100-token streams: the same ~350 tokens/s in
-  all with 1, 4 or 20 threads (one row per forward pass is bound by per-step overhead, not by
-  threads), but the median time to the first token was ~2.3 s with 4 threads and ~0.4 s with 20;
-  hence the default of 16, at the price of one thread and one small KV cache per slot. Batching
-  the rows of concurrent requests into one forward pass would multiply throughput; not done here.
-- A client that goes away stops its generation at the next token.
+- The model is loaded once, before the server listens. Requests are decoded together by a
+  scheduler (tinystories/scheduler.py, its own module: this one is HTTP only): one worker thread
+  owns a KV cache of --concurrency slots; a request takes a free slot (or waits for one, first
+  come first served), is prefilled into it in chunks between decode steps, then decodes one token
+  per step in one forward pass with every other running request, each sampling with its own
+  generator and settings, and leaves at end-of-text, at max_tokens or when its client goes away.
+  The decode step always runs at the shape of all slots, so a request's text never depends on
+  what else runs (the same seed and settings give the same text alone or under load, bit for
+  bit; tests/test_scheduler.py), and it is what `generate` writes for the request alone, up to
+  the last bit of a logit (identical in the tests). The event loop only moves text, so the page
+  and /health stay responsive while the model works. Throughput: see bench/serve.py.
+- A client that goes away leaves the batch before the next step.
 - Limits against mistakes: a request body of at most 1 MiB (a larger declared Content-Length is
   refused with a 413 before any of it is read), JSON nested at most 32 deep, a prompt of at most
-  100,000 characters (a prompt longer than block_size tokens is cut to its end by `stream`'s
-  sliding window), and a prompt that is not valid Unicode (a lone surrogate, which JSON can
+  100,000 characters (a prompt or story longer than block_size tokens slides as `stream`'s
+  does: see the scheduler), and a prompt that is not valid Unicode (a lone surrogate, which JSON can
   escape: "\\udc80") refused, the tokenizer's rule (tokenizer.check_text).
 - Limits against slow or idle clients (`Limits`; the numbers are its defaults): the request line
   and headers must arrive within 10 s of the connection opening (or of the previous response), the
@@ -81,14 +82,12 @@ import math
 import secrets
 import socket
 import sys
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator
+from typing import AsyncIterator, Callable
 
 from tinystories.errors import UserError
 
@@ -393,47 +392,13 @@ class Piece:
     completion_tokens: int = 0
 
 
-class Cancelled(Exception):
-    """The client went away (or the server is stopping): generation ends at the next token."""
-
-
-def completion_pieces(model, tokenizer, prompt_ids: list[int], request: CompletionRequest,
-                      cancelled: threading.Event) -> Iterator[Piece]:
-    """Run one request's generation with its own KV cache; yield text as soon as it is whole."""
-    import torch
-
-    from tinystories.generate import TextStream, stream
-
-    seed = request.seed if request.seed is not None else secrets.randbits(63)
-    # On the CPU whatever the model's device: a seed then means the same story everywhere
-    # (sample_next draws where the generator lives).
-    generator = torch.Generator().manual_seed(seed)
-    text = TextStream(tokenizer)
-    n_tokens, finish = 0, "length"
-    # inference_mode is per thread: each worker must enter it itself.
-    with torch.inference_mode():
-        steps = stream(model, [prompt_ids], request.max_tokens, temperature=request.temperature,
-                       top_k=request.top_k, top_p=request.top_p, eot_id=tokenizer.eot_id, generator=generator)
-        for (token,) in steps:
-            if cancelled.is_set():
-                raise Cancelled()
-            n_tokens += 1
-            if token == tokenizer.eot_id:
-                finish = "stop"
-                break
-            piece = text.push(token)
-            if piece:
-                yield Piece(piece)
-    yield Piece(text.flush(), finish, n_tokens)
-
-
-_END = object()
-
-
 class Engine:
-    """The model, loaded once, and the pool of threads that run it for the requests."""
+    """The model, loaded once, and the scheduler that decodes the requests together
+    (tinystories/scheduler.py: one worker thread, one batch, --concurrency slots)."""
 
     def __init__(self, checkpoint, model_id: str, max_tokens_cap: int, concurrency: int):
+        from tinystories.scheduler import Scheduler
+
         self.model = checkpoint.model
         self.tokenizer = checkpoint.tokenizer
         self.model_id = model_id
@@ -441,7 +406,8 @@ class Engine:
         self.concurrency = concurrency
         self.created = int(Path(checkpoint.path).stat().st_mtime)
         self.device = str(next(self.model.parameters()).device)
-        self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="tinystories-generate")
+        self.model.eval()
+        self.scheduler = Scheduler(self.model, slots=concurrency, eot_id=self.tokenizer.eot_id)
 
     def encode_prompt(self, prompt: str, param: str = "prompt") -> list[int]:
         """The prompt's token ids (end-of-text for an empty one); ApiError(400) for text that is not
@@ -454,41 +420,45 @@ class Engine:
             raise ApiError(400, f"{param}: {e}", param) from None
 
     async def pieces(self, request: CompletionRequest, prompt_ids: list[int]) -> AsyncIterator[Piece]:
-        """The request's pieces, generated in the pool and handed to the event loop through a queue."""
+        """The request's text as soon as it is whole: its tokens come from the scheduler's thread
+        through a queue, and become text here, in the event loop."""
+        from tinystories.generate import TextStream
+        from tinystories.scheduler import Job
+
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        cancelled = threading.Event()
 
-        def put(item) -> None:
+        def deliver(item) -> None:  # called in the scheduler's thread
             try:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
             except RuntimeError:  # the event loop is closed: the server stopped, nobody is listening
-                cancelled.set()
+                job.cancel()
 
-        def produce() -> None:
-            try:
-                if cancelled.is_set():  # the client left while this request waited for a thread
-                    return
-                for piece in completion_pieces(self.model, self.tokenizer, prompt_ids, request, cancelled):
-                    put(piece)
-            except Cancelled:
-                pass
-            except BaseException as e:  # a bug: hand it to the request so it is reported, not lost
-                put(e)
-            finally:
-                put(_END)
-
-        self.pool.submit(produce)
+        # No seed: a fresh one. The generator is on the CPU whatever the model's device, so a seed
+        # means the same story everywhere (sample_next draws where the generator lives).
+        seed = request.seed if request.seed is not None else secrets.randbits(63)
+        job = Job(prompt_ids, request.max_tokens, deliver, temperature=request.temperature, top_k=request.top_k,
+                  top_p=request.top_p, seed=seed)
+        self.scheduler.submit(job)
+        text, n_tokens = TextStream(self.tokenizer), 0
         try:
-            while (item := await queue.get()) is not _END:
-                if isinstance(item, BaseException):
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):  # a bug in the worker: reported, not lost
                     raise item
-                yield item
+                token, finish = item
+                n_tokens += 1  # completion_tokens counts the end-of-text; the text leaves it out
+                piece = "" if token == self.tokenizer.eot_id else text.push(token)
+                if finish is not None:
+                    yield Piece(piece + text.flush(), finish, n_tokens)
+                    return
+                if piece:
+                    yield Piece(piece)
         finally:
-            cancelled.set()  # the client left, or we are done: either way the worker may stop
+            job.cancel()  # the client left, or we are done: either way the job leaves the batch
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.scheduler.close()
 
 
 # -----------------------------------------------------------------------------
