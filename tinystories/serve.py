@@ -440,20 +440,25 @@ class Engine:
         job = Job(prompt_ids, request.max_tokens, deliver, temperature=request.temperature, top_k=request.top_k,
                   top_p=request.top_p, seed=seed)
         self.scheduler.submit(job)
-        text, n_tokens = TextStream(self.tokenizer), 0
+        text, n_tokens, finish = TextStream(self.tokenizer), 0, None
         try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):  # a bug in the worker: reported, not lost
-                    raise item
-                token, finish = item
-                n_tokens += 1  # completion_tokens counts the end-of-text; the text leaves it out
-                piece = "" if token == self.tokenizer.eot_id else text.push(token)
+            while finish is None:
+                # Every token already here goes out in one piece: when the event loop falls behind
+                # (a busy machine), it catches up with fewer, longer chunks instead of lagging.
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                piece = []
+                for item in items:
+                    if isinstance(item, BaseException):  # a bug in the worker: reported, not lost
+                        raise item
+                    token, finish = item
+                    n_tokens += 1  # completion_tokens counts the end-of-text; the text leaves it out
+                    piece.append("" if token == self.tokenizer.eot_id else text.push(token))
                 if finish is not None:
-                    yield Piece(piece + text.flush(), finish, n_tokens)
-                    return
-                if piece:
-                    yield Piece(piece)
+                    yield Piece("".join(piece) + text.flush(), finish, n_tokens)
+                elif any(piece):
+                    yield Piece("".join(piece))
         finally:
             job.cancel()  # the client left, or we are done: either way the job leaves the batch
 
