@@ -152,9 +152,15 @@ def test_jobs_past_the_slots_wait_and_a_cancelled_one_frees_its_slot(scheduler_f
 
 
 def test_a_closed_scheduler_refuses_new_jobs_and_its_thread_ends(scheduler_for):
-    scheduler = scheduler_for(tiny_model("gpt2"))
+    scheduler = scheduler_for(tiny_model("gpt2"), slots=1, eot_id=-1)
+    _, running = run(scheduler, dict(prompt_ids=prompt(3), max_tokens=100_000))
+    _, waiting = run(scheduler, dict(prompt_ids=prompt(3), max_tokens=5))
+    running.get(timeout=60)
     scheduler.close()
     assert not scheduler.thread.is_alive()
+    for out in (running, waiting):  # both hear that it stopped, rather than wait forever
+        with pytest.raises(RuntimeError, match="stopping"):
+            tokens_of(out, timeout=10)
     with pytest.raises(RuntimeError):
         scheduler.submit(Job(prompt(3), 4, deliver=print))
     with pytest.raises(ValueError):
@@ -180,3 +186,24 @@ def test_the_worker_thread_is_the_only_one(scheduler_for):
     for i, tokens in results.items():
         assert tokens == alone(model, dict(prompt_ids=prompt(1 + i, i), max_tokens=12, temperature=1.0, seed=i))
     assert sum(t.name == "tinystories-scheduler" for t in threading.enumerate()) == 1
+
+
+def test_a_long_prompt_is_filled_in_chunks_between_decode_steps(scheduler_for):
+    """While a 60-token prompt is filled 4 tokens a round (15 rounds), the running request still
+    gets a token every round: prefill does not stall the batch."""
+    model = tiny_model("gpt2", block_size=64)
+    scheduler = scheduler_for(model, slots=2, prefill_chunk=4, eot_id=-1)
+    log: list = []  # who got a token, in the order the worker delivered them
+    started = threading.Event()
+    running = Job(prompt(3), 10_000, deliver=lambda item: (log.append("running"), started.set()))
+    scheduler.submit(running)
+    assert started.wait(60)
+    done: queue.Queue = queue.Queue()
+    long_fields = dict(prompt_ids=prompt(60, 1), max_tokens=3, temperature=0.0)
+    mark = len(log)
+    scheduler.submit(Job(deliver=lambda item: (log.append("long"), done.put(item)), **long_fields))
+    tokens = tokens_of(done)[0]
+    running.cancel()
+    between = log[mark : log.index("long")].count("running")
+    assert between >= 13, f"the running request got {between} tokens while the prompt was filled in 15 chunks"
+    assert tokens == alone(model, long_fields, eot_id=None)

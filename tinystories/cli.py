@@ -311,7 +311,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-tokens-cap", type=_positive_int, default=512,
                    help="largest max_tokens a request may ask for; larger requests get a 400 error")
     p.add_argument("--concurrency", type=_positive_int, default=16,
-                   help="requests generating at the same time, each with its own KV cache; more wait their turn")
+                   help="requests decoded together in one batch (the KV cache's slots); more wait their turn. "
+                        "Every decode step computes all slots (so a request's text never depends on the others), "
+                        "so fewer slots make a lone request faster and many streams slower")
     p.add_argument("--model-name", default=None,
                    help="the model id the API reports (default: the run or checkpoint folder name)")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")

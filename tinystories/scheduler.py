@@ -154,12 +154,17 @@ class Scheduler:
             self.lock.notify()
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the worker after its current step; jobs still there get nothing more."""
+        """Stop the worker after its current step; jobs still there are told so (an exception)."""
         with self.lock:
             self.stopping = True
             self.lock.notify()
         if self.thread.is_alive() and threading.current_thread() is not self.thread:
             self.thread.join(timeout)
+        with self.lock:
+            left, self.running, self.waiting = [*self.running, *self.waiting], [], collections.deque()
+        for job in left:
+            if not job.cancelled.is_set():
+                job.deliver(RuntimeError("the server is stopping"))
 
     def load(self) -> tuple[int, int]:
         """(requests in slots, requests waiting for one)."""
