@@ -273,11 +273,12 @@ class Scheduler:
         keys = torch.arange(L, device=idx.device)
         seen = keys[None, :] <= lengths[:, None]  # (S, L); a full ring: every key
         seen[:, 0] = True  # a free slot's row sees something (no all-masked row, whose attention is NaN)
-        masks = {None: _additive(seen)}
+        dtype = self.cache.k.dtype
+        masks = {None: _additive(seen, dtype)}
         for window in set(self.windows) - {None}:  # a local layer: the last `window` keys, itself included
             band = seen & (keys[None, :] > lengths[:, None] - window)
             band[:, 0] |= ~band.any(dim=-1)
-            masks[window] = _additive(band)
+            masks[window] = _additive(band, dtype)
         x = model.transformer.wte(idx)  # (S, C)
         if "wpe" in model.transformer:
             x = x + model.transformer.wpe(lengths)
@@ -324,7 +325,7 @@ class Scheduler:
                 job.start, job.filled = start, 0
 
 
-def _additive(seen: Tensor) -> Tensor:
+def _additive(seen: Tensor, dtype: torch.dtype) -> Tensor:
     """A key mask (S, L) as the scores' addend (S, 1, 1, L): 0 where seen, -inf elsewhere."""
-    return torch.zeros(seen.shape, dtype=torch.float32, device=seen.device).masked_fill(~seen, float("-inf"))[:, None, None]
+    return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill(~seen, float("-inf"))[:, None, None]
 
