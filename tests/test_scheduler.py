@@ -2,7 +2,8 @@
 
 - batch invariance, bit for bit: a request's logits at every step are the same alone and beside
   other requests of other prompt lengths and settings that join and leave around it (so it sits
-  in another slot, beside long chunked prefills and windows that jump);
+  in another slot, beside long chunked prefills and windows that jump, and its attention runs
+  over as many key blocks as the longest context beside it needs);
 - a request writes what `generate` writes for it alone: greedy and sampled, prompts and stories
   longer than block_size (learned positions refill their window, rotary ones slide as a ring),
   GPT-Neo's local layers, chunked prefills;
@@ -75,7 +76,9 @@ def scheduler_for():
     made = []
 
     def make(model, **kwargs):
-        made.append(Scheduler(model, **{"slots": 4, "eot_id": EOT, **kwargs}))
+        # attention in blocks of 4 keys: a batch's longest context, and so the number of blocks its
+        # step runs, changes as requests join and leave
+        made.append(Scheduler(model, **{"slots": 4, "eot_id": EOT, "attention_block": 4, **kwargs}))
         return made[-1]
 
     yield make

@@ -66,6 +66,7 @@ from tinystories.generate import sample_next, window_start
 from tinystories.model import KVCache, rope_angles, rotate
 
 PREFILL_CHUNK = 64  # prompt tokens a prefill forward pass takes at once, and filled per round of the worker
+ATTENTION_BLOCK = 64  # keys a decode step's attention takes at once (Scheduler._attend)
 
 
 @dataclass(eq=False)
@@ -112,11 +113,14 @@ class Scheduler:
     """The worker thread, the shared KV cache and the queue of requests waiting for a slot."""
 
     def __init__(self, model, slots: int, eot_id: int, prefill_chunk: int = PREFILL_CHUNK,
-                 window_keep: int | None = None, dtype: torch.dtype | None = None):
+                 window_keep: int | None = None, dtype: torch.dtype | None = None,
+                 attention_block: int = ATTENTION_BLOCK):
         config = model.config
-        if slots < 1 or prefill_chunk < 1:
-            raise ValueError(f"slots and prefill_chunk must be >= 1, got {slots} and {prefill_chunk}")
+        if min(slots, prefill_chunk, attention_block) < 1:
+            raise ValueError(f"slots, prefill_chunk and attention_block must be >= 1, got {slots}, {prefill_chunk} "
+                             f"and {attention_block}")
         self.slots, self.eot_id, self.prefill_chunk = slots, eot_id, prefill_chunk
+        self.attention_block = attention_block
         self.block_size = config.block_size
         self.window_keep = config.block_size // 2 if window_keep is None else window_keep
         if not 1 <= self.window_keep <= self.block_size:
@@ -251,15 +255,17 @@ class Scheduler:
         idx, lengths = [0] * self.slots, [0] * self.slots  # free slots: token 0 at position 0, thrown away
         for job in jobs:
             idx[job.slot], lengths[job.slot] = job.context[-1], job.filled  # filled: tokens before this one
+        n_keys = max(min(job.filled + 1, self.block_size) for job in jobs)  # the longest context in the batch
         logits = self._step(*(torch.tensor(v, dtype=torch.long, device=self.device)
-                              for v in (idx, lengths, [job.slot for job in jobs])))
+                              for v in (idx, lengths, [job.slot for job in jobs])), n_keys)
         for job in jobs:
             job.filled += 1
             self._sample(job, logits[job.slot])
 
-    def _step(self, idx: Tensor, lengths: Tensor, rows: Tensor) -> Tensor:
+    def _step(self, idx: Tensor, lengths: Tensor, rows: Tensor, n_keys: int) -> Tensor:
         """Logits (slots, V) after each slot's token idx (slots,) at position lengths (slots,); only
-        `rows` write their keys and values (at index length, or length % block_size in a ring).
+        `rows` write their keys and values (at index length, or length % block_size in a ring), and
+        no row of `rows` sees more than the first n_keys keys of its slot.
 
         The model's forward pass for one new token per row, written out so that each row has its
         own cache length (the KVCache of model.py has one length for the whole batch).
@@ -295,15 +301,39 @@ class Scheduler:
             cache_k, cache_v = self.cache.k[i], self.cache.v[i]  # (S, n_head, L, head_dim)
             cache_k.view(-1, D).index_copy_(0, where, k.reshape(S * H, D)[rows_heads])
             cache_v.view(-1, D).index_copy_(0, where, v.reshape(S * H, D)[rows_heads])
-            # Attention of one query over all L keys of its own slot, written out: SDPA's CPU kernel
-            # takes ~1 ms a layer for this shape (a query per row, a mask over 256 keys); two
-            # batched matmuls and a softmax, ~10x less. Each (row, head) is its own matrix product.
             scale = attn.scale if attn.scale is not None else D**-0.5
-            scores = (q @ cache_k.transpose(-1, -2)) * scale + masks[self.windows[i]]  # (S, n_head, 1, L)
-            y = scores.softmax(dim=-1) @ cache_v  # (S, n_head, 1, head_dim)
+            y = self._attend(q, cache_k, cache_v, masks[self.windows[i]], scale, n_keys)  # (S, n_head, 1, head_dim)
             x = x + attn.c_proj(y.reshape(S, C))  # (S, n_head, 1, head_dim) -> (S, C)
             x = x + block.mlp(block.ln_2(x))
         return model.lm_head(model.transformer.ln_f(x)).float()  # (S, V)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, n_keys: int) -> Tensor:
+        """Attention of each row's query q (S, n_head, 1, head_dim) over its slot's keys and values
+        k, v (S, n_head, L, head_dim), `mask` (S, 1, 1, L) added to the scores (-inf: not seen).
+
+        Over blocks of `attention_block` keys, as flash attention does (a running maximum m, sum l
+        and output o per row), only as many blocks as hold the first n_keys keys: the cost follows
+        the longest context in the batch, not block_size. Yet a row's result does not depend on
+        how many blocks run: every block is an operation of one fixed shape, and a block past the
+        row's keys changes nothing, exactly (its scores are -inf, so m stays, the rescale is
+        exp(0) = 1 and what it adds is 0). SDPA's CPU kernel, given a smaller span of keys, sums in
+        another order (tests/test_scheduler.py catches that), and took ~1 ms a layer here anyway.
+        """
+        S, H, _, D = q.shape
+        m = torch.full((S, H, 1, 1), float("-inf"), dtype=q.dtype, device=q.device)
+        l = torch.zeros((S, H, 1, 1), dtype=q.dtype, device=q.device)  # noqa: E741 (flash attention's name)
+        o = torch.zeros_like(q)
+        for a in range(0, n_keys, self.attention_block):
+            b = min(a + self.attention_block, k.shape[2])
+            scores = (q @ k[:, :, a:b].transpose(-1, -2)) * scale + mask[..., a:b]  # (S, n_head, 1, keys)
+            m_new = torch.maximum(m, scores.amax(dim=-1, keepdim=True))
+            shift = m_new.nan_to_num(neginf=0.0)  # a row that has seen nothing yet: exp(-inf - 0) = 0
+            p = (scores - shift).exp()
+            rescale = (m - shift).exp()  # exp(0) = 1 once a row's maximum stops growing
+            l = l * rescale + p.sum(dim=-1, keepdim=True)  # noqa: E741
+            o = o * rescale + p @ v[:, :, a:b]
+            m = m_new
+        return o / l
 
     def _sample(self, job: Job, logits: Tensor) -> None:
         """The job's next token from its row of logits (V,), with its own generator; deliver it,
