@@ -33,11 +33,11 @@ tokens; the decode steps compute the same sums at batch `slots` instead of batch
 can differ in its last bit, which moves a sampled token only when the draw lands within that of a
 boundary (never seen in the tests, which compare the server's stories with `generate`'s).
 
-Prefill does not stall the running batch for long: while any request is decoding, each round of
-the worker fills at most `prefill_chunk` prompt tokens (whole chunks, at least one), then runs a
-decode step. A long prompt is filled over several rounds while the others keep decoding; short
-prompts that arrive together are filled in the same round; with nothing decoding, every waiting
-prompt is filled at once.
+Prefill does not stall the running batch for long: each round of the worker fills the first
+chunk of every request that just took a slot (a short prompt is then done: its first token comes
+at once), then at most `prefill_chunk` more prompt tokens (whole chunks, the oldest request
+first), then runs a decode step. A long prompt is filled over several rounds while the others
+keep decoding; with nothing decoding, every waiting prompt is filled at once.
 
 Contexts longer than block_size, as `stream` does them:
 - learned positions: the visible context starts at `start`; when it outgrows block_size, `start`
@@ -216,10 +216,14 @@ class Scheduler:
             self.free.sort(reverse=True)
 
     def _fill(self) -> None:
-        """Prefill whole chunks, the oldest job first, until `prefill_chunk` tokens are filled; with
-        no job decoding (a burst of requests into an idle server) there is nothing to stall: all."""
+        """Prefill: the first chunk of every new job at once (its time to the first token), then
+        whole chunks, the oldest job first, until `prefill_chunk` tokens are filled this round.
+        With no job decoding (a burst into an idle server) there is nothing to stall: all of it."""
         decoding = any(not self._filling(job) for job in self.running)
         budget = self.prefill_chunk if decoding else float("inf")
+        for job in list(self.running):
+            if job.filled == 0 and len(job.context) == len(job.prompt_ids) and not job.cancelled.is_set():
+                budget -= self._fill_chunk(job)
         for job in list(self.running):
             while budget > 0 and not job.cancelled.is_set() and self._filling(job):
                 budget -= self._fill_chunk(job)
