@@ -54,10 +54,11 @@ Choices made here:
   what else runs (the same seed and settings give the same text alone or under load, bit for
   bit; tests/test_scheduler.py), and it is what `generate` writes for the request alone, up to
   the last bit of a logit (identical in the tests). The event loop only moves text, so the page
-  and /health stay responsive while the model works. Measured with bench/serve.py on 2 busy CPU
-  cores (BENCHMARKS.md), the `tiny` shape: 16 concurrent 100-token streams 4.0x the tokens/s of
-  the thread-pool server this replaced (1,440 against 358), the median time to the first token
-  a little shorter; a lone stream, which pays for all 16 slots, at 0.48x (fewer slots: faster).
+  and /health stay responsive while the model works. Measured with bench/serve.py on 2 very busy
+  CPU cores (BENCHMARKS.md), the `tiny` shape: 16 concurrent 100-token streams 3.4x to 4.5x the
+  tokens/s of the thread-pool server this replaced (2.2x when both run one OpenMP thread), the
+  median time to the first token shorter; a lone stream, which pays for all 16 slots, at 0.4x
+  (fewer slots: faster).
 - A client that goes away leaves the batch before the next step.
 - Limits against mistakes: a request body of at most 1 MiB (a larger declared Content-Length is
   refused with a 413 before any of it is read), JSON nested at most 32 deep, a prompt of at most
