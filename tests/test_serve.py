@@ -212,6 +212,7 @@ def test_health_models_and_page(server, tiny_checkpoint):
     health = json.loads(body)
     assert status == 200 and health["status"] == "ok"
     assert health["model"] == "tiny-random" and health["max_tokens_cap"] == CAP and health["tokenizer"] == "bpe-512"
+    assert health["concurrency"] == 16 and health["running"] >= 0 and health["waiting"] >= 0
 
     status, _, body = server.request("GET", "/v1/models")
     assert status == 200 and [m["id"] for m in json.loads(body)["data"]] == ["tiny-random"]

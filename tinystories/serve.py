@@ -14,7 +14,8 @@ Routes (Starlette on uvicorn):
                                 `chat.completion.chunk`s (the first names the role, the text comes in
                                 `delta`s, the last delta is empty and carries finish_reason)
     GET  /v1/models             the one model served, with a description saying what chat does with it
-    GET  /health                status, model id, the max_tokens cap and the model's shape (the page reads it)
+    GET  /health                status, model id, the max_tokens cap, the model's shape (the page reads it),
+                                and how many requests are in the batch and waiting for a slot
 
 Request fields: prompt (a non-empty string, or a list holding one), max_tokens (1 to the server's
 --max-tokens-cap; default 256 or the cap if lower), temperature (0 to 2, default 1; 0 is greedy;
@@ -384,7 +385,7 @@ def parse_chat_request(body, max_tokens_cap: int) -> CompletionRequest:
 
 
 # -----------------------------------------------------------------------------
-# Generation: text pieces from a model, in a worker thread
+# Generation: the scheduler's tokens as text pieces, in the event loop
 
 
 @dataclass
@@ -593,6 +594,8 @@ def create_app(engine: Engine, limits: Limits = Limits()):
             "default_max_tokens": min(DEFAULT_MAX_TOKENS, engine.max_tokens_cap),
             "tokenizer": engine.tokenizer.name, "block_size": config.block_size,
             "vocab_size": config.vocab_size, "device": engine.device, "concurrency": engine.concurrency,
+            # requests in the batch's slots now, and waiting for one
+            **dict(zip(("running", "waiting"), engine.scheduler.load())),
         })
 
     async def models(request: Request):
