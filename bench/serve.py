@@ -160,7 +160,8 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help="a checkpoint to serve (default: the tiny shape, random)")
     ap.add_argument("--baseline", type=Path, default=None, help="another checkout to compare with (its server)")
     ap.add_argument("--streams", type=int, default=16, help="concurrent streaming clients per round")

@@ -65,8 +65,9 @@ def tokens_of(out: "queue.Queue", timeout: float = 60) -> tuple[list[int], str]:
 
 def alone(model, fields: dict, eot_id: int | None = EOT) -> list[int]:
     """`generate` for the job alone, seeded as the scheduler seeds it."""
-    (tokens,) = generate(model, [fields["prompt_ids"]], fields["max_tokens"], temperature=fields.get("temperature", 1.0),
-                         top_k=fields.get("top_k"), top_p=fields.get("top_p"), eot_id=eot_id,
+    (tokens,) = generate(model, [fields["prompt_ids"]], fields["max_tokens"],
+                         temperature=fields.get("temperature", 1.0), top_k=fields.get("top_k"),
+                         top_p=fields.get("top_p"), eot_id=eot_id,
                          generator=torch.Generator().manual_seed(fields.get("seed", 0)))
     return tokens
 

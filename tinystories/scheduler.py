@@ -58,7 +58,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from tinystories.decoding import decoding_copy

@@ -265,7 +265,8 @@ def check_prompt(prompt: str, param: str) -> str:
     return prompt
 
 
-def parse_sampling(body: dict, prompt: str, max_tokens_cap: int, max_tokens_name: str = "max_tokens") -> CompletionRequest:
+def parse_sampling(body: dict, prompt: str, max_tokens_cap: int,
+                   max_tokens_name: str = "max_tokens") -> CompletionRequest:
     """The fields every request shares, checked (max_tokens read from `max_tokens_name`)."""
     max_tokens = body.get(max_tokens_name)
     if max_tokens is None:
@@ -849,7 +850,8 @@ def run(args) -> int:
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     n_params = sum(p.numel() for p in engine.model.parameters())
     print(f"tinystories serve: {engine.model_id} ({n_params / 1e6:.2f}M parameters, {engine.tokenizer.name}) "
-          f"on {engine.device}, at http://{shown_host}:{port}/ (API: POST /v1/completions, /v1/chat/completions; Ctrl-C stops)",
+          f"on {engine.device}, at http://{shown_host}:{port}/ (API: POST /v1/completions, /v1/chat/completions; "
+          "Ctrl-C stops)",
           flush=True)
     uvicorn.Server(uvicorn_config(app, args.host, port)).run(sockets=[sock])
     return 0
