@@ -18,14 +18,17 @@ alone, as `stream` does at batch 1). The row's logits depend on nothing but the 
 - the decode step always runs at the same shape, every slot (free ones and ones still
   prefilling compute a row that is thrown away): for a fixed GEMM shape each output row
   depends only on its input row, bit for bit, where the arithmetic of a batch of 3 and a batch
-  of 16 would differ in the last bits. Attention runs over every slot's whole cache (block_size
-  keys), each row's own keys selected by its mask, so it too has one shape.
+  of 16 would differ in the last bits. Attention runs over blocks of `attention_block` keys
+  of every slot, each row's own keys selected by its mask, each block at one shape; as many
+  blocks run as the longest context in the batch needs, and a block past a row's keys adds
+  exactly nothing to it (`_attend`), so a row's attention does not depend on the others either.
 - a prefill runs one request alone (batch 1, its own slot's cache), in chunks of
   `prefill_chunk` tokens whose boundaries depend only on the prompt: many requests' prefills are
   never batched together, since their shape would depend on who else arrived.
 - what is written to the cache is written only into the request's own slot.
 tests/test_scheduler.py checks the logits bit for bit: one request alone, and beside others of
-other lengths and settings that join and leave around it, in another slot.
+other lengths and settings that join and leave around it, in another slot. The price: a lone
+request computes the rows of all slots, so it decodes slower than `stream` at batch 1 would.
 
 Against `tinystories.generate.stream` (a request alone through the library): the same sampling,
 the same sliding window (below), and the same prefill for a prompt of up to `prefill_chunk`
