@@ -304,10 +304,13 @@ def _add_plot(sub) -> None:
 
 def _add_serve(sub) -> None:
     p = sub.add_parser(
-        "serve", formatter_class=_Formatter, help="a web page and an OpenAI-style completions API",
+        "serve", formatter_class=_Formatter, help="a web page and OpenAI-style completions and chat APIs",
         description=(
             "Serve a model over HTTP: a page at / to write stories in the browser, POST /v1/completions "
-            "(OpenAI completions format, streaming as server-sent events), GET /v1/models and GET /health. "
+            "(OpenAI completions format, streaming as server-sent events), POST /v1/chat/completions (OpenAI "
+            "chat format, for chat front-ends: the story model continues the last user message as the "
+            "beginning of a story; system, developer and earlier messages are not shown to it), "
+            "GET /v1/models and GET /health. "
             "Needs starlette and uvicorn (pip install 'tinystories[serve]')."
         ),
     )
@@ -317,7 +320,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-tokens-cap", type=_positive_int, default=512,
                    help="largest max_tokens a request may ask for; larger requests get a 400 error")
     p.add_argument("--concurrency", type=_positive_int, default=16,
-                   help="requests generating at the same time, each with its own KV cache; more wait their turn")
+                   help="requests decoded together in one batch (the KV cache's slots); more wait their turn. "
+                        "Every decode step computes all slots (so a request's text never depends on the others), "
+                        "so fewer slots make a lone request faster and many streams slower")
     p.add_argument("--model-name", default=None,
                    help="the model id the API reports (default: the run or checkpoint folder name)")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
