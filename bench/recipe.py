@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -74,6 +76,17 @@ CONFIGS: dict[str, tuple[list[str], str]] = {
     "muon+bpe-8192": (MUON, "v2-8192"),
     # the new `tiny` (config.py): Muon at 1e-2 with AdamW at 4e-3, the Llama block, every training slice
     "new": (MUON + ["--muon-lr", "1e-2"] + LLAMA, "all"),
+    # round 2 of the screen, around `new`: head size (the CPU's attention kernel is ~2x faster per
+    # FLOP at head_dim 64 than at 32), tokens per step, schedule, width, learning rates
+    "new+3heads": (MUON + ["--muon-lr", "1e-2"] + LLAMA + ["--n-head", "3"], "all"),
+    "new+batch8": (MUON + ["--muon-lr", "1e-2"] + LLAMA + ["--batch-size", "8"], "all"),
+    "new+3heads+batch8": (MUON + ["--muon-lr", "1e-2"] + LLAMA + ["--n-head", "3", "--batch-size", "8"], "all"),
+    "new+3heads+wsd": (MUON + ["--muon-lr", "1e-2"] + LLAMA + ["--n-head", "3", "--schedule", "wsd"], "all"),
+    "new+4x256": (MUON + ["--muon-lr", "1e-2"] + LLAMA + ["--n-embd", "256", "--n-head", "4"], "all"),
+    "new+4x128": (MUON + ["--muon-lr", "1e-2"] + LLAMA + ["--n-embd", "128", "--n-head", "2"], "all"),
+    "new+3heads+muon1.5e-2": (MUON + ["--muon-lr", "1.5e-2"] + LLAMA + ["--n-head", "3"], "all"),
+    "new+3heads+adam8e-3": (MUON + ["--muon-lr", "1e-2", "--learning-rate", "8e-3", "--min-lr", "8e-4"] + LLAMA
+                            + ["--n-head", "3"], "all"),
 }
 
 TRAIN_FILES = ["TinyStoriesV2-train.sample.txt"]
@@ -83,10 +96,10 @@ DATASETS = {"v2": (TRAIN_FILES, 4096), "all": (ALL_TRAIN_FILES, 4096),
             "v2-2048": (TRAIN_FILES, 2048), "v2-8192": (TRAIN_FILES, 8192)}
 
 
-def tinystories(*args, log: Path | None = None) -> None:
+def tinystories(*args, log: Path | None = None, env: dict | None = None) -> None:
     cmd = [sys.executable, "-m", "tinystories", *map(str, args)]
     with open(log, "a") if log else open("/dev/null", "w") as f:
-        r = subprocess.run(cmd, stdout=f, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
     if r.returncode != 0:
         sys.exit(f"recipe: `tinystories {' '.join(map(str, args[:2]))} ...` failed:\n{r.stderr[-2000:]}")
 
@@ -111,20 +124,99 @@ def last_record(run: Path) -> dict:
     return json.loads((run / "log.jsonl").read_text().splitlines()[-1])
 
 
-def probe_speeds(out: Path, names: list[str], data: dict[str, Path], rounds: int) -> dict[str, float]:
-    """Tokens/s of each configuration from 8-step probe runs taken in turns (median over rounds)."""
+def probe_speeds(out: Path, names: list[str], data: dict[str, Path], rounds: int, clock: str) -> dict[str, float]:
+    """Tokens/s of each configuration from probe runs taken in turns (median over rounds).
+
+    clock "wall": the trainer's own tokens/s over 8 steps, two torch threads, past warm-up: right
+    on a quiet machine, and as noisy as the machine's load on a shared one. clock "cpu": one torch
+    thread, and the CPU seconds the process spent (getrusage) in a 12-step run minus a 4-step run,
+    so that start-up, evaluation and saving cancel: the work a step costs, which other processes on
+    the machine do not change. It assumes that the configurations' speed ratio with one thread is
+    their ratio with two (check it on a quiet machine). clock "interleaved": see interleaved_speeds.
+    """
+    if clock == "interleaved":
+        return interleaved_speeds(names, data, rounds)
     speeds: dict[str, list[float]] = {n: [] for n in names}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if clock == "cpu" else None
     for r in range(rounds):
         for name in names:
-            run = out / "probes" / f"{name}-{r}"
-            subprocess.run(["rm", "-rf", str(run)])
             flags, ds = CONFIGS[name]
-            tinystories("train", "--data", data[ds], "--out", run, *BASE, *flags, "--max-steps", 8,
-                        "--eval-interval", 1000, "--eval-tokens", 256, "--checkpoint-interval", 1000)
-            log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-            speeds[name].append(statistics.median(rec["tokens_per_s"] for rec in log[2:]))  # past warm-up
-            subprocess.run(["rm", "-rf", str(run)])
+            cpu = {}
+            for steps in ((4, 12) if clock == "cpu" else (8,)):
+                run = out / "probes" / f"{name}-{r}-{steps}"
+                subprocess.run(["rm", "-rf", str(run)])
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                tinystories("train", "--data", data[ds], "--out", run, *BASE, *flags, "--max-steps", steps,
+                            "--eval-interval", 1000, "--eval-tokens", 256, "--checkpoint-interval", 1000, env=env)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu[steps] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+                log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+                subprocess.run(["rm", "-rf", str(run)])
+            if clock == "cpu":
+                speeds[name].append(8 * tokens_per_step(name) / (cpu[12] - cpu[4]))
+            else:
+                speeds[name].append(statistics.median(rec["tokens_per_s"] for rec in log[2:]))  # past warm-up
+        print(f"probe round {r + 1}/{rounds}: " + ", ".join(f"{n} {speeds[n][-1]:,.0f}" for n in names), flush=True)
     return {n: statistics.median(v) for n, v in speeds.items()}
+
+
+def interleaved_speeds(names: list[str], data: dict[str, Path], rounds: int) -> dict[str, float]:
+    """Tokens/s of each configuration from training steps taken in one process, one step of each in
+    turn (A, B, C, A, B, C, ...), two torch threads: a load that comes and goes over seconds hits
+    neighbouring steps alike. Each round times one step per configuration; a configuration's speed
+    is the baseline's median speed times the median over rounds of its speed ratio to the first
+    name's in the same round. The step is the trainer's (`train._loop`): forward and loss under
+    its autocast, backward, clipping, every optimizer, on real batches of its data."""
+    import torch
+
+    from tinystories.allocator import keep_freed_memory
+    from tinystories.cli import build_parser
+    from tinystories.data import EpochWindows, open_split, read_meta
+    from tinystories.device import pick_dtype
+    from tinystories.model import GPT
+    from tinystories.train import make_optimizers, resolve_configs
+
+    keep_freed_memory()
+    cpu = torch.device("cpu")
+    sides = {}
+    for name in names:
+        flags, ds = CONFIGS[name]
+        args = build_parser().parse_args(["train", "--data", str(data[ds]), "--out", "unused", *BASE, *flags])
+        _, model_cfg, cfg = resolve_configs(args, read_meta(args.data), None)
+        torch.manual_seed(cfg.seed)
+        model = GPT(model_cfg)
+        batches = EpochWindows(open_split(args.data, "train"), model_cfg.block_size, cfg.batch_size, cfg.seed)
+        sides[name] = (model, make_optimizers(model, cfg, cpu), batches, cfg,
+                       torch.autocast("cpu", dtype=pick_dtype(cpu, cfg.dtype)))
+
+    def step(name: str) -> float:
+        model, optimizers, batches, cfg, autocast = sides[name]
+        t0 = time.perf_counter()
+        for _ in range(cfg.grad_accum):
+            x, y = batches.next_batch(cpu)
+            with autocast:
+                _, loss = model(x, y)
+            (loss / cfg.grad_accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        for optimizer in optimizers.values():
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    for _ in range(3):  # warm-up: allocator, kernels' first calls
+        for name in names:
+            step(name)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            times[name].append(step(name))
+    first = names[0]
+    base_speed = tokens_per_step(first) / statistics.median(times[first])
+    ratios = {n: statistics.median(tokens_per_step(n) / t / (tokens_per_step(first) / t0)
+                                   for t, t0 in zip(times[n], times[first])) for n in names}
+    print("interleaved probe, tokens/s relative to " + first + ": "
+          + ", ".join(f"{n} {ratios[n]:.3f}" for n in names), flush=True)
+    return {n: round(base_speed * ratios[n], 1) for n in names}
 
 
 def tokens_per_step(name: str) -> int:
@@ -142,6 +234,10 @@ def main() -> None:
     p.add_argument("--equal", choices=["tokens", "time"], default="tokens")
     p.add_argument("--seeds", default="1337", help="comma-separated seeds; each configuration runs once per seed")
     p.add_argument("--probe-rounds", type=int, default=3, help="--equal time: probe runs per configuration")
+    p.add_argument("--probe-clock", choices=["wall", "cpu", "interleaved"], default="wall",
+                   help="--equal time: speed from wall time (a quiet machine) or from CPU time with one thread "
+                        "(a shared one), or steps of every configuration in turns in one process (rounds = steps); "
+                        "see probe_speeds")
     p.add_argument("--eval", choices=["full", "quick"], default="full",
                    help="full: `tinystories evaluate` of the whole test split; quick: the trainer's last test "
                         "loss on its first 2**18 tokens (bits per byte from the split's bytes per token)")
@@ -154,6 +250,7 @@ def main() -> None:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         sys.exit(f"recipe: unknown configuration(s) {unknown}; see --help")
+    to_run = list(names)  # the baseline too only when asked for: parallel processes can share its run
     if args.baseline not in names:
         names.insert(0, args.baseline)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -170,7 +267,7 @@ def main() -> None:
         if probes.exists() and set(json.loads(probes.read_text())) >= set(names):
             speeds = json.loads(probes.read_text())
         else:
-            speeds = probe_speeds(out, names, data, args.probe_rounds)
+            speeds = probe_speeds(out, names, data, args.probe_rounds, args.probe_clock)
             probes.write_text(json.dumps(speeds, indent=1) + "\n")
         steps = {n: round(args.steps * speeds[n] / speeds[args.baseline] * tokens_per_step(args.baseline)
                           / tokens_per_step(n)) for n in names}
@@ -183,7 +280,7 @@ def main() -> None:
     done = {(r["tag"], r["name"], r["seed"]) for r in map(json.loads, results_file.read_text().splitlines())} \
         if results_file.exists() else set()
     for i, seed in enumerate(seeds):
-        order = names if (i + seeds[0]) % 2 == 0 else names[::-1]  # sides take turns going first
+        order = to_run if (i + seeds[0]) % 2 == 0 else to_run[::-1]  # sides take turns going first
         for name in order:
             if (tag, name, seed) in done:
                 continue
@@ -217,14 +314,18 @@ def main() -> None:
                   f"(train {rec['loss']:.3f}; {train_s:.0f}s)", flush=True)
 
     table(results_file, tag, names)
-    runs = [out / "runs" / tag / f"{n}-s{seeds[0]}" for n in names]
+    runs = [run for n in names if (run := out / "runs" / tag / f"{n}-s{seeds[0]}" / "log.jsonl").exists()]
+    runs = [run.parent for run in runs]
     tinystories("plot", *runs, "--out", out / f"curves-{tag}.png")
     print(f"curves: {out / f'curves-{tag}.png'}")
 
 
 def table(results_file: Path, tag: str, names: list[str]) -> None:
-    rows = [r for r in map(json.loads, results_file.read_text().splitlines()) if r["tag"] == tag]
+    rows = [r for r in map(json.loads, results_file.read_text().splitlines()) if r["tag"] == tag] \
+        if results_file.exists() else []
     by = {n: [r for r in rows if r["name"] == n] for n in names}
+    if not by[names[0]]:
+        return print(f"no results for {names[0]} under tag {tag!r} yet")
     base = statistics.mean(r["test_bpb"] for r in by[names[0]])
     print(f"\n| configuration | steps | seeds | test loss | test bits/byte | vs {names[0]} | train loss |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

@@ -329,12 +329,13 @@ def test_quality_arguments(tiny_ckpt, extra, out):
         check_promise(argv, scene.root, tiny_ckpt)
 
 
-@settings(max_examples=40, **SETTINGS)
-@given(as_path(), st.sampled_from(["ckpt", "missing", "file"]))
-def test_export_arguments(tiny_ckpt, out, ckpt):
+@settings(max_examples=60, **SETTINGS)
+@given(as_path(), st.sampled_from(["ckpt", "missing", "file"]),
+       flags({"--format": st.sampled_from(["hf", "gguf", "onnx"]), "--outtype": st.sampled_from(["f16", "q8_0", "q4_0"])}))
+def test_export_arguments(tiny_ckpt, out, ckpt, extra):
     with new_scene() as scene:
         source = {"ckpt": str(tiny_ckpt), "missing": scene.path("missing"), "file": scene.path("file")}[ckpt]
-        check_promise(["export", "--checkpoint", source, "--out", *realize([out], scene)], scene.root, tiny_ckpt)
+        check_promise(["export", "--checkpoint", source, "--out", *realize([out], scene), *extra], scene.root, tiny_ckpt)
 
 
 @settings(max_examples=30, **SETTINGS)

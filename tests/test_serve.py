@@ -212,6 +212,7 @@ def test_health_models_and_page(server, tiny_checkpoint):
     health = json.loads(body)
     assert status == 200 and health["status"] == "ok"
     assert health["model"] == "tiny-random" and health["max_tokens_cap"] == CAP and health["tokenizer"] == "bpe-512"
+    assert health["concurrency"] == 16 and health["running"] >= 0 and health["waiting"] >= 0
 
     status, _, body = server.request("GET", "/v1/models")
     assert status == 200 and [m["id"] for m in json.loads(body)["data"]] == ["tiny-random"]
@@ -314,7 +315,8 @@ def test_not_json_and_unknown_routes_get_openai_shaped_errors(server):
 
 
 def test_twenty_concurrent_streams_are_each_what_a_lone_request_writes(server, local):
-    """Separate KV caches: every stream equals `generate` alone with its seed, whatever ran beside it."""
+    """One batch of 16 slots (4 streams wait for one): every stream equals `generate` alone with its
+    seed, whatever ran beside it."""
     n = 20
     # different prompt lengths and seeds, so a cache shared or mixed up between requests would show
     prompts = [" ".join(PROMPT.split()[: 2 + i % 8]) for i in range(n)]
@@ -331,7 +333,7 @@ def test_twenty_concurrent_streams_are_each_what_a_lone_request_writes(server, l
     start = time.perf_counter()
     for t in threads:
         t.start()
-    # the event loop only moves text, so the server answers while 20 streams are being written
+    # the model works in the scheduler's thread, so the server answers while 20 streams are being written
     t0 = time.perf_counter()
     assert server.request("GET", "/health", timeout=30)[0] == 200
     health_s = time.perf_counter() - t0
@@ -365,7 +367,7 @@ def test_a_client_that_leaves_mid_stream_does_not_hurt_the_server(server):
 
 @pytest.mark.slow
 def test_a_client_that_leaves_frees_its_worker(tiny_checkpoint, tmp_path):
-    """With one worker, a request queued behind a long stream waits; once that client leaves, it does not."""
+    """With one slot, a request queued behind a long stream waits; once that client leaves, it does not."""
     def small_request_seconds(server):
         t0 = time.perf_counter()
         assert server.complete(prompt="Hi", max_tokens=4)[0] == 200

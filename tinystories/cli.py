@@ -9,6 +9,7 @@ can fix) ends as one line on stderr and exit code 2; anything else is a bug and 
     tinystories generate --checkpoint RUN_DIR --prompt "Once upon a time"
     tinystories evaluate --checkpoint RUN_DIR --data DATA_DIR --split test
     tinystories export   --checkpoint RUN_DIR --out HF_DIR
+    tinystories export   --checkpoint RUN_DIR --format gguf --out model.gguf
     tinystories import   --from roneneldan/TinyStories-33M --out CKPT
 """
 
@@ -274,18 +275,26 @@ def _add_quality(sub) -> None:
 
 def _add_export(sub) -> None:
     p = sub.add_parser(
-        "export", formatter_class=_Formatter, help="write a Hugging Face transformers model folder",
+        "export", formatter_class=_Formatter, help="write a Hugging Face model folder, or a GGUF file for llama.cpp",
         description=(
-            "Export as GPT2LMHeadModel, GPTNeoForCausalLM, LlamaForCausalLM or Qwen3ForCausalLM, whichever holds "
-            "the model's layout (config.json, model.safetensors, generation_config.json, tokenizer files, README.md "
-            "model card): loadable by transformers' Auto classes with no code of ours. A layout none of them holds "
-            "is refused."
+            "--format hf (default): a Hugging Face transformers folder, as GPT2LMHeadModel, GPTNeoForCausalLM, "
+            "LlamaForCausalLM or Qwen3ForCausalLM, whichever holds the model's layout (config.json, "
+            "model.safetensors, generation_config.json, tokenizer files, README.md model card): loadable by "
+            "transformers' Auto classes with no code of ours. --format gguf: one GGUF file with the tokenizer "
+            "inside, for llama.cpp (and Ollama, LM Studio), as its gpt2, llama or qwen3 architecture; GPT-Neo "
+            "has none there. Needs the gguf package (pip install 'tinystories[gguf]'). A layout the format "
+            "cannot hold is refused before anything is written."
         ),
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its best checkpoint)")
     p.add_argument("--out", required=True,
-                   help="HF_DIR to write: a new or empty folder, or an earlier export to replace "
-                        "(a folder holding any other file is refused)")
+                   help="hf: HF_DIR, a new or empty folder, or an earlier export to replace (a folder holding any "
+                        "other file is refused); gguf: FILE.gguf, a new file or an earlier GGUF export to replace")
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                   help="hf: a Hugging Face transformers folder; gguf: one llama.cpp GGUF file")
+    p.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default=None,
+                   help="gguf only: type of the weight matrices (norms, biases and GPT-2's position table stay "
+                        "f32, as in llama.cpp's converter; q8_0 is 8-bit blocks of 32) (default: f16)")
     p.set_defaults(run="tinystories.export:run")
 
 
@@ -305,10 +314,13 @@ def _add_plot(sub) -> None:
 
 def _add_serve(sub) -> None:
     p = sub.add_parser(
-        "serve", formatter_class=_Formatter, help="a web page and an OpenAI-style completions API",
+        "serve", formatter_class=_Formatter, help="a web page and OpenAI-style completions and chat APIs",
         description=(
             "Serve a model over HTTP: a page at / to write stories in the browser, POST /v1/completions "
-            "(OpenAI completions format, streaming as server-sent events), GET /v1/models and GET /health. "
+            "(OpenAI completions format, streaming as server-sent events), POST /v1/chat/completions (OpenAI "
+            "chat format, for chat front-ends: the story model continues the last user message as the "
+            "beginning of a story; system, developer and earlier messages are not shown to it), "
+            "GET /v1/models and GET /health. "
             "Needs starlette and uvicorn (pip install 'tinystories[serve]')."
         ),
     )
@@ -318,7 +330,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-tokens-cap", type=_positive_int, default=512,
                    help="largest max_tokens a request may ask for; larger requests get a 400 error")
     p.add_argument("--concurrency", type=_positive_int, default=16,
-                   help="requests generating at the same time, each with its own KV cache; more wait their turn")
+                   help="requests decoded together in one batch (the KV cache's slots); more wait their turn. "
+                        "Every decode step computes all slots (so a request's text never depends on the others), "
+                        "so fewer slots make a lone request faster and many streams slower")
     p.add_argument("--model-name", default=None,
                    help="the model id the API reports (default: the run or checkpoint folder name)")
     _add_decode_dtype(p, "fp32")

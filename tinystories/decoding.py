@@ -138,6 +138,11 @@ class Int8Linear(nn.Module):
     at a prefill's many rows) and oneDNN's int8 linear (slower at one row); measured in
     BENCHMARKS.md, with what it costs in loss.
 
+    One input scale per call means the rows of a batch share it: a row's result depends a little on
+    the other rows (a story written alone or beside others, or in `serve` beside other requests, can
+    part after a near-tie), unlike bf16 and fp32, whose rows are independent. Per-row scales are not
+    in fbgemm's API.
+
     `gelu=True` applies the tanh GELU to the output (fbgemm has no fused one), as PackedLinear.
     """
 

@@ -1,6 +1,6 @@
 """Export a checkpoint as a Hugging Face `transformers` model folder: GPT2LMHeadModel, or
 GPTNeoForCausalLM for GPT-Neo models, LlamaForCausalLM or Qwen3ForCausalLM for the Llama layout
-(see "Which class" below).
+(see "Which class" below). `--format gguf` writes one GGUF file for llama.cpp instead: gguf_export.py.
 
     tinystories export --checkpoint runs/tiny --out hf/tiny-stories
     export_hf("runs/tiny", "hf/tiny-stories")     # the same, from Python; returns the folder
@@ -94,6 +94,14 @@ GENERATION_DEFAULTS = dict(do_sample=True, temperature=0.8, top_p=0.95, top_k=0,
 
 
 def run(args) -> int:
+    if args.format == "gguf":
+        from tinystories.gguf_export import DEFAULT_OUTTYPE, export_gguf
+
+        out = export_gguf(args.checkpoint, args.out, args.outtype or DEFAULT_OUTTYPE)
+        print(f"exported {args.checkpoint} to {out} ({out.stat().st_size:,} bytes, {args.outtype or DEFAULT_OUTTYPE})")
+        return 0
+    if args.outtype is not None:
+        raise UserError("--outtype is for --format gguf; the Hugging Face export is always float32")
     out = export_hf(args.checkpoint, args.out)
     files = ", ".join(sorted(p.name for p in out.iterdir()))
     print(f"exported {args.checkpoint} to {out} ({files})")
@@ -205,14 +213,7 @@ def hf_family(cfg) -> str:
     Anything else is refused with one line naming the options in the way (compared with the nearer
     of the two families, so the list is short).
     """
-    gpt2 = _differences(cfg, GPT2_LAYOUT)
-    llama = _differences(cfg, LLAMA_LAYOUT)
-    if cfg.qkv_bias:  # Llama's attention_bias would also give o_proj a bias; ours has none when bias=false
-        llama.append("qkv_bias=true")
-    if any(cfg.is_local(i) for i in range(cfg.n_layer)):  # Llama/Qwen3 attend globally everywhere
-        llama.append("local attention layers")
-    if not cfg.scale_attention:  # Llama always scales by 1/sqrt(head_dim) (folding it into q is not done here)
-        llama.append("scale_attention=false")
+    gpt2, llama = layout_differences(cfg)
     if not gpt2:
         if is_neo(cfg) and (cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias):
             raise UserError("GPT-Neo has no q/k/v biases, and this model has them: it cannot be exported as "
@@ -223,6 +224,24 @@ def hf_family(cfg) -> str:
     nearer = gpt2 if len(gpt2) < len(llama) else llama
     raise UserError(f"export: no Hugging Face class tinystories writes holds this layout ({', '.join(nearer)}); "
                     f"{LAYOUT_NEEDS}")
+
+
+def layout_differences(cfg) -> tuple[list[str], list[str]]:
+    """The options of `cfg` in the way of the GPT-2 layout and of the Llama layout ("name=value" each).
+
+    An empty list names the family that holds the model (GPT-2's includes GPT-Neo: see is_neo); the
+    two are never both empty (GPT-2 needs learned positions, Llama RoPE). The GGUF export
+    (gguf_export.py) decides with the same lists.
+    """
+    gpt2 = _differences(cfg, GPT2_LAYOUT)
+    llama = _differences(cfg, LLAMA_LAYOUT)
+    if cfg.qkv_bias:  # Llama's attention_bias would also give o_proj a bias; ours has none when bias=false
+        llama.append("qkv_bias=true")
+    if any(cfg.is_local(i) for i in range(cfg.n_layer)):  # Llama/Qwen3 attend globally everywhere
+        llama.append("local attention layers")
+    if not cfg.scale_attention:  # Llama always scales by 1/sqrt(head_dim) (folding it into q is not done here)
+        llama.append("scale_attention=false")
+    return gpt2, llama
 
 
 def _differences(cfg, layout: dict) -> list[str]:

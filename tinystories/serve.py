@@ -1,15 +1,21 @@
-"""A web page and an OpenAI-style completions API for a trained model: `tinystories serve`.
+"""A web page and OpenAI-style completions and chat APIs for a trained model: `tinystories serve`.
 
     tinystories serve --checkpoint out/run              # then open http://127.0.0.1:8000/
     curl -s 127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"prompt": "Once upon a time", "max_tokens": 100, "temperature": 0.8, "seed": 1}'
+    curl -s 127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"messages": [{"role": "user", "content": "Once upon a time"}], "max_tokens": 100}'
 
 Routes (Starlette on uvicorn):
-    GET  /                 a page: type a story beginning, pick the sampling settings, watch it written
-    POST /v1/completions   OpenAI's completions format; "stream": true sends server-sent events
-                           `data: {chunk}` and ends with `data: [DONE]`
-    GET  /v1/models        the one model served
-    GET  /health           status, model id, the max_tokens cap and the model's shape (the page reads it)
+    GET  /                      a page: type a story beginning, pick the sampling settings, watch it written
+    POST /v1/completions        OpenAI's completions format; "stream": true sends server-sent events
+                                `data: {chunk}` and ends with `data: [DONE]`
+    POST /v1/chat/completions   OpenAI's chat format, for chat front-ends; streamed the same way, in
+                                `chat.completion.chunk`s (the first names the role, the text comes in
+                                `delta`s, the last delta is empty and carries finish_reason)
+    GET  /v1/models             the one model served, with a description saying what chat does with it
+    GET  /health                status, model id, the max_tokens cap, the model's shape (the page reads it),
+                                and how many requests are in the batch and waiting for a slot
 
 Request fields: prompt (a non-empty string, or a list holding one), max_tokens (1 to the server's
 --max-tokens-cap; default 256 or the cap if lower), temperature (0 to 2, default 1; 0 is greedy;
@@ -22,26 +28,43 @@ logit_bias) are refused when set to anything but their neutral value, and unknow
 so a client never silently gets something other than what it asked for. Every refusal is a 4xx in
 OpenAI's error shape: {"error": {"message", "type", "param", "code"}}.
 
+Chat: the model writes stories; it has no notion of a conversation. It continues the last message,
+which must be the user's (else a 400), as the beginning of a story, and the assistant's reply is
+the rest of the story (as a completion of that text would be: same seed, same words). System,
+developer and earlier user and assistant messages are checked (role, content a string or a list
+of text parts) but not shown to the model: a front-end that always sends a system prompt, or the
+whole conversation, still works and gets what the last message alone would get. Refusing them
+would break such front-ends; feeding them to a model that has only seen stories would write
+nonsense. Roles tool and function, images, tools and structured output are refused. The chat
+request takes the same fields as a completion's (messages instead of prompt; max_completion_tokens
+is the chat format's name for max_tokens, either may be sent) and the same checks, in shared code
+(`parse_sampling`), and the same error shape.
+
 Choices made here:
 - max_tokens above the cap is refused with a 400 that names the cap (not clamped): a client that asked
   for 2,000 tokens should learn it cannot have them rather than get a shorter story it cannot explain.
 - completion_tokens counts every sampled token, the end-of-text included; the text leaves it out.
   finish_reason is "stop" when the model ended the story, "length" when max_tokens ran out.
-- The model is loaded once, before the server listens. Each request runs its own `stream()` call with
-  its own KV cache in a pool of --concurrency threads (torch releases the GIL inside its kernels, and
-  a module in eval mode with separate caches is safe to call from several threads: nothing in it is
-  written during a forward pass). Requests past the pool wait their turn; the event loop only moves
-  text, so the page and /health stay responsive while the model works. Measured on 2 busy CPU
-  cores with the `tiny` preset's shape, 20 concurrent 100-token streams: the same ~350 tokens/s in
-  all with 1, 4 or 20 threads (one row per forward pass is bound by per-step overhead, not by
-  threads), but the median time to the first token was ~2.3 s with 4 threads and ~0.4 s with 20;
-  hence the default of 16, at the price of one thread and one small KV cache per slot. Batching
-  the rows of concurrent requests into one forward pass would multiply throughput; not done here.
-- A client that goes away stops its generation at the next token.
+- The model is loaded once, before the server listens. Requests are decoded together by a
+  scheduler (tinystories/scheduler.py, its own module: this one is HTTP only): one worker thread
+  owns a KV cache of --concurrency slots; a request takes a free slot (or waits for one, first
+  come first served), is prefilled into it in chunks between decode steps, then decodes one token
+  per step in one forward pass with every other running request, each sampling with its own
+  generator and settings, and leaves at end-of-text, at max_tokens or when its client goes away.
+  The decode step always runs at the shape of all slots, so a request's text never depends on
+  what else runs (the same seed and settings give the same text alone or under load, bit for
+  bit; tests/test_scheduler.py), and it is what `generate` writes for the request alone, up to
+  the last bit of a logit (identical in the tests). The event loop only moves text, so the page
+  and /health stay responsive while the model works. Measured with bench/serve.py on 2 very busy
+  CPU cores (BENCHMARKS.md), the `tiny` shape: 16 concurrent 100-token streams 3.4x to 4.5x the
+  tokens/s of the thread-pool server this replaced (2.2x when both run one OpenMP thread), the
+  median time to the first token shorter; a lone stream, which pays for all 16 slots, at 0.4x
+  (fewer slots: faster).
+- A client that goes away leaves the batch before the next step.
 - Limits against mistakes: a request body of at most 1 MiB (a larger declared Content-Length is
   refused with a 413 before any of it is read), JSON nested at most 32 deep, a prompt of at most
-  100,000 characters (a prompt longer than block_size tokens is cut to its end by `stream`'s
-  sliding window), and a prompt that is not valid Unicode (a lone surrogate, which JSON can
+  100,000 characters (a prompt or story longer than block_size tokens slides as `stream`'s
+  does: see the scheduler), and a prompt that is not valid Unicode (a lone surrogate, which JSON can
   escape: "\\udc80") refused, the tokenizer's rule (tokenizer.check_text).
 - Limits against slow or idle clients (`Limits`; the numbers are its defaults): the request line
   and headers must arrive within 10 s of the connection opening (or of the previous response), the
@@ -64,14 +87,12 @@ import math
 import secrets
 import socket
 import sys
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Callable
 
 from tinystories.errors import UserError
 
@@ -89,6 +110,10 @@ SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
 # A completions request nests 2 deep at most ({"stream_options": {...}}). JSON nested thousands
 # deep makes json.loads (and anything that walks the value) hit Python's recursion limit.
 MAX_JSON_DEPTH = 32
+# What /v1/models says of the model (a chat front-end shows it): this is no chat assistant.
+MODEL_CARD = ("A TinyStories story model, not a chat assistant. /v1/completions continues the prompt; "
+              "/v1/chat/completions continues the last user message as the beginning of a story (system, "
+              "developer and earlier messages are not shown to the model), and the reply is the rest of the story.")
 
 
 @dataclass(frozen=True)
@@ -122,7 +147,9 @@ class ApiError(Exception):
 
 @dataclass(frozen=True)
 class CompletionRequest:
-    prompt: str
+    """A checked request, completions or chat: what to continue and how to sample."""
+
+    prompt: str  # the story beginning (chat: the last user message)
     max_tokens: int
     temperature: float
     top_p: float | None  # None: keep every token
@@ -144,8 +171,31 @@ NEUTRAL = {
     "logit_bias": (None, {}),
     "n": (None, 1),
 }
-KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stream",
-         "stream_options", "user", *NEUTRAL}
+# Every request shares these (parse_sampling reads them); each format adds its own.
+SAMPLING = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stream", "stream_options", "user"}
+KNOWN = {"prompt", *SAMPLING, *NEUTRAL}
+
+# The chat format's own fields of that kind (tools, structured output, logprobs: a story model has none).
+CHAT_NEUTRAL = {
+    "stop": (None, [], ""),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "frequency_penalty": (None, 0),
+    "presence_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "n": (None, 1),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "response_format": (None, {"type": "text"}),
+    "modalities": (None, ["text"]),
+    "store": (None, False),
+    "metadata": (None, {}),
+}
+CHAT_KNOWN = {"messages", "max_completion_tokens", *SAMPLING, *CHAT_NEUTRAL}
+# Roles of the messages a chat request may hold, and the fields of a message.
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+MESSAGE_FIELDS = {"role", "content", "name"}
 
 
 def _is_int(value) -> bool:
@@ -191,37 +241,41 @@ def parse_json_body(raw: bytes):
     return body
 
 
-def parse_completion_request(body, max_tokens_cap: int) -> CompletionRequest:
-    """Check a decoded JSON request body; raise ApiError(400, ...) saying what is wrong."""
+def check_fields(body, known: set[str], neutral: dict) -> None:
+    """Refuse a body that is not an object, an unknown field, or a field we cannot honour set to
+    anything but its neutral value: a client never silently gets less than it asked for."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    unknown = sorted(set(body) - KNOWN)
+    unknown = sorted(set(body) - known)
     if unknown:
         name = unknown[0] if len(unknown[0]) <= 60 else unknown[0][:57] + "..."  # a key is any string
-        raise ApiError(400, f"unrecognized request argument: {name} (supported: {', '.join(sorted(KNOWN))})", name)
-    for name, neutral in NEUTRAL.items():
-        if name in body and body[name] not in neutral:
+        raise ApiError(400, f"unrecognized request argument: {name} (supported: {', '.join(sorted(known))})", name)
+    for name, values in neutral.items():
+        if name in body and body[name] not in values:
             raise ApiError(400, f"{name}={_show(body[name])} is not supported by this server (leave it out)", name)
 
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]  # OpenAI clients may send a batch of one
-    if isinstance(prompt, list):
-        raise ApiError(400, "prompt must be one string (batches and token arrays are not supported)", "prompt")
-    if not isinstance(prompt, str) or not prompt:
-        raise ApiError(400, "prompt must be a non-empty string: the beginning of a story", "prompt")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise ApiError(400, f"prompt has {len(prompt):,} characters; the most this server takes is "
-                            f"{MAX_PROMPT_CHARS:,}", "prompt")
 
-    max_tokens = body.get("max_tokens")
+def check_prompt(prompt: str, param: str) -> str:
+    """A story beginning: non-empty, at most MAX_PROMPT_CHARS characters."""
+    if not prompt:
+        raise ApiError(400, f"{param} must be a non-empty string: the beginning of a story", param)
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ApiError(400, f"{param} has {len(prompt):,} characters; the most this server takes is "
+                            f"{MAX_PROMPT_CHARS:,}", param)
+    return prompt
+
+
+def parse_sampling(body: dict, prompt: str, max_tokens_cap: int,
+                   max_tokens_name: str = "max_tokens") -> CompletionRequest:
+    """The fields every request shares, checked (max_tokens read from `max_tokens_name`)."""
+    max_tokens = body.get(max_tokens_name)
     if max_tokens is None:
         max_tokens = min(DEFAULT_MAX_TOKENS, max_tokens_cap)
     if not _is_int(max_tokens) or max_tokens < 1:
-        raise ApiError(400, f"max_tokens must be an integer >= 1, got {_show(max_tokens)}", "max_tokens")
+        raise ApiError(400, f"{max_tokens_name} must be an integer >= 1, got {_show(max_tokens)}", max_tokens_name)
     if max_tokens > max_tokens_cap:
-        raise ApiError(400, f"max_tokens is {max_tokens}, more than this server allows ({max_tokens_cap}, "
-                            "its --max-tokens-cap); ask for fewer", "max_tokens")
+        raise ApiError(400, f"{max_tokens_name} is {max_tokens}, more than this server allows ({max_tokens_cap}, "
+                            "its --max-tokens-cap); ask for fewer", max_tokens_name)
 
     temperature = body.get("temperature")
     temperature = 1.0 if temperature is None else temperature
@@ -266,8 +320,73 @@ def parse_completion_request(body, max_tokens_cap: int) -> CompletionRequest:
     )
 
 
+def parse_completion_request(body, max_tokens_cap: int) -> CompletionRequest:
+    """Check a decoded /v1/completions body; raise ApiError(400, ...) saying what is wrong."""
+    check_fields(body, KNOWN, NEUTRAL)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]  # OpenAI clients may send a batch of one
+    if isinstance(prompt, list):
+        raise ApiError(400, "prompt must be one string (batches and token arrays are not supported)", "prompt")
+    if not isinstance(prompt, str):
+        prompt = ""  # refused below, with the same message as an empty one
+    return parse_sampling(body, check_prompt(prompt, "prompt"), max_tokens_cap)
+
+
+def message_text(message, index: int) -> str:
+    """The text of messages[index], checked: a string, or a list of {"type": "text", "text": ...} parts."""
+    param = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise ApiError(400, f"{param} must be an object with a role and a content", param)
+    unknown = sorted(set(message) - MESSAGE_FIELDS)
+    if unknown:
+        name = unknown[0] if len(unknown[0]) <= 60 else unknown[0][:57] + "..."
+        raise ApiError(400, f"{param} has a field this server does not take: {name} (a message may hold "
+                            f"{', '.join(sorted(MESSAGE_FIELDS))})", f"{param}.{name}")
+    role = message.get("role")
+    if role not in CHAT_ROLES:
+        raise ApiError(400, f"{param}.role must be one of {', '.join(CHAT_ROLES)}, got {_show(role)} "
+                            "(a story model has no tools)", f"{param}.role")
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and set(p) == {"type", "text"}
+                                         and isinstance(p["text"], str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise ApiError(400, f"{param}.content must be a string or a list of text parts "
+                        '([{"type": "text", "text": "..."}]; a story model reads only text)', f"{param}.content")
+
+
+def parse_chat_request(body, max_tokens_cap: int) -> CompletionRequest:
+    """Check a decoded /v1/chat/completions body; the prompt is the last message, the user's.
+
+    A story model has no notion of turns: it continues the last user message as the beginning of
+    a story. System, developer and earlier messages are checked like the last but not shown to the
+    model (so a front-end that always sends a system prompt still works, and gets what it would
+    get without one). max_completion_tokens is the chat format's newer name for max_tokens.
+    """
+    check_fields(body, CHAT_KNOWN, CHAT_NEUTRAL)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list of {role, content} objects, the last the user's "
+                            "story beginning", "messages")
+    texts = [message_text(m, i) for i, m in enumerate(messages)]
+    if messages[-1]["role"] != "user":
+        raise ApiError(400, f"the last of the messages must be the user's (the story beginning to continue), "
+                            f"not {_show(messages[-1]['role'])}", f"messages[{len(messages) - 1}].role")
+    prompt = check_prompt(texts[-1], f"messages[{len(messages) - 1}].content")
+
+    name = "max_tokens"
+    if body.get("max_completion_tokens") is not None:
+        name = "max_completion_tokens"
+        if body.get("max_tokens") is not None and body["max_tokens"] != body["max_completion_tokens"]:
+            raise ApiError(400, "max_tokens and max_completion_tokens are two names for one limit; send one",
+                           "max_tokens")
+    return parse_sampling(body, prompt, max_tokens_cap, name)
+
+
 # -----------------------------------------------------------------------------
-# Generation: text pieces from a model, in a worker thread
+# Generation: the scheduler's tokens as text pieces, in the event loop
 
 
 @dataclass
@@ -279,59 +398,24 @@ class Piece:
     completion_tokens: int = 0
 
 
-class Cancelled(Exception):
-    """The client went away (or the server is stopping): generation ends at the next token."""
-
-
-def completion_pieces(model, tokenizer, prompt_ids: list[int], request: CompletionRequest,
-                      cancelled: threading.Event, dtype=None) -> Iterator[Piece]:
-    """Run one request's generation with its own KV cache; yield text as soon as it is whole."""
-    import torch
-
-    from tinystories.generate import TextStream, stream
-
-    seed = request.seed if request.seed is not None else secrets.randbits(63)
-    # On the CPU whatever the model's device: a seed then means the same story everywhere
-    # (sample_next draws where the generator lives).
-    generator = torch.Generator().manual_seed(seed)
-    text = TextStream(tokenizer)
-    n_tokens, finish = 0, "length"
-    # inference_mode is per thread: each worker must enter it itself.
-    with torch.inference_mode():
-        steps = stream(model, [prompt_ids], request.max_tokens, temperature=request.temperature,
-                       top_k=request.top_k, top_p=request.top_p, eot_id=tokenizer.eot_id, generator=generator,
-                       dtype=dtype)
-        for (token,) in steps:
-            if cancelled.is_set():
-                raise Cancelled()
-            n_tokens += 1
-            if token == tokenizer.eot_id:
-                finish = "stop"
-                break
-            piece = text.push(token)
-            if piece:
-                yield Piece(piece)
-    yield Piece(text.flush(), finish, n_tokens)
-
-
-_END = object()
-
-
 class Engine:
-    """The model, loaded once, and the pool of threads that run it for the requests."""
+    """The model, loaded once, and the scheduler that decodes the requests together
+    (tinystories/scheduler.py: one worker thread, one batch, --concurrency slots)."""
 
     def __init__(self, checkpoint, model_id: str, max_tokens_cap: int, concurrency: int, dtype=None):
+        from tinystories.scheduler import Scheduler
+
         self.model = checkpoint.model
-        self.dtype = dtype  # the decoding weights (tinystories.decoding.decode_dtype)
         self.tokenizer = checkpoint.tokenizer
         self.model_id = model_id
         self.max_tokens_cap = max_tokens_cap
         self.concurrency = concurrency
         self.created = int(Path(checkpoint.path).stat().st_mtime)
         self.device = str(next(self.model.parameters()).device)
-        self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="tinystories-generate")
+        self.model.eval()
+        self.scheduler = Scheduler(self.model, slots=concurrency, eot_id=self.tokenizer.eot_id, dtype=dtype)
 
-    def encode_prompt(self, prompt: str) -> list[int]:
+    def encode_prompt(self, prompt: str, param: str = "prompt") -> list[int]:
         """The prompt's token ids (end-of-text for an empty one); ApiError(400) for text that is not
         valid Unicode, refused by the tokenizer as it is for every caller."""
         from tinystories.tokenizer import InvalidTextError
@@ -339,44 +423,53 @@ class Engine:
         try:
             return self.tokenizer.encode(prompt) or [self.tokenizer.eot_id]
         except InvalidTextError as e:
-            raise ApiError(400, f"prompt: {e}", "prompt") from None
+            raise ApiError(400, f"{param}: {e}", param) from None
 
     async def pieces(self, request: CompletionRequest, prompt_ids: list[int]) -> AsyncIterator[Piece]:
-        """The request's pieces, generated in the pool and handed to the event loop through a queue."""
+        """The request's text as soon as it is whole: its tokens come from the scheduler's thread
+        through a queue, and become text here, in the event loop."""
+        from tinystories.generate import TextStream
+        from tinystories.scheduler import Job
+
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        cancelled = threading.Event()
 
-        def put(item) -> None:
+        def deliver(item) -> None:  # called in the scheduler's thread
             try:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
             except RuntimeError:  # the event loop is closed: the server stopped, nobody is listening
-                cancelled.set()
+                job.cancel()
 
-        def produce() -> None:
-            try:
-                if cancelled.is_set():  # the client left while this request waited for a thread
-                    return
-                for piece in completion_pieces(self.model, self.tokenizer, prompt_ids, request, cancelled, self.dtype):
-                    put(piece)
-            except Cancelled:
-                pass
-            except BaseException as e:  # a bug: hand it to the request so it is reported, not lost
-                put(e)
-            finally:
-                put(_END)
-
-        self.pool.submit(produce)
+        # No seed: a fresh one. The generator is on the CPU whatever the model's device, so a seed
+        # means the same story everywhere (sample_next draws where the generator lives).
+        seed = request.seed if request.seed is not None else secrets.randbits(63)
+        job = Job(prompt_ids, request.max_tokens, deliver, temperature=request.temperature, top_k=request.top_k,
+                  top_p=request.top_p, seed=seed)
+        self.scheduler.submit(job)
+        text, n_tokens, finish = TextStream(self.tokenizer), 0, None
         try:
-            while (item := await queue.get()) is not _END:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            while finish is None:
+                # Every token already here goes out in one piece: when the event loop falls behind
+                # (a busy machine), it catches up with fewer, longer chunks instead of lagging.
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                piece = []
+                for item in items:
+                    if isinstance(item, BaseException):  # a bug in the worker: reported, not lost
+                        raise item
+                    token, finish = item
+                    n_tokens += 1  # completion_tokens counts the end-of-text; the text leaves it out
+                    piece.append("" if token == self.tokenizer.eot_id else text.push(token))
+                if finish is not None:
+                    yield Piece("".join(piece) + text.flush(), finish, n_tokens)
+                elif any(piece):
+                    yield Piece("".join(piece))
         finally:
-            cancelled.set()  # the client left, or we are done: either way the worker may stop
+            job.cancel()  # the client left, or we are done: either way the job leaves the batch
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.scheduler.close()
 
 
 # -----------------------------------------------------------------------------
@@ -392,6 +485,50 @@ def completion_body(cid: str, created: int, model_id: str, text: str, finish_rea
     if usage is not None:
         body["usage"] = usage
     return body
+
+
+def chat_body(cid: str, created: int, model_id: str, text: str, finish_reason: str, usage: dict) -> dict:
+    return {
+        "id": cid, "object": "chat.completion", "created": created, "model": model_id,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                     "logprobs": None, "finish_reason": finish_reason}],
+        "usage": usage,
+    }
+
+
+def chat_chunk(cid: str, created: int, model_id: str, delta: dict, finish_reason: str | None) -> dict:
+    return {
+        "id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How one API writes a completion: whole, and as the chunks of a stream."""
+
+    id_prefix: str
+    chunk_object: str  # the "object" of a streamed chunk
+    prompt_param: str  # the field an encoding error names
+    whole: Callable  # (cid, created, model_id, text, finish_reason, usage) -> the response body
+    opening: Callable  # (cid, created, model_id) -> chunks sent before any text
+    chunks: Callable  # (cid, created, model_id, text, finish_reason or None) -> chunks for one piece
+
+
+COMPLETION = Shape(
+    "cmpl", "text_completion", "prompt", whole=completion_body, opening=lambda *ids: [],
+    chunks=lambda cid, created, model_id, text, finish: [completion_body(cid, created, model_id, text, finish)],
+)
+# Chat streams as OpenAI's does: a first chunk naming the role, the text in deltas, then an empty
+# delta carrying finish_reason.
+CHAT = Shape(
+    "chatcmpl", "chat.completion.chunk", "messages", whole=chat_body,
+    opening=lambda cid, created, model_id: [chat_chunk(cid, created, model_id, {"role": "assistant", "content": ""},
+                                                       None)],
+    chunks=lambda cid, created, model_id, text, finish: (
+        ([chat_chunk(cid, created, model_id, {"content": text}, None)] if text else [])
+        + ([chat_chunk(cid, created, model_id, {}, finish)] if finish is not None else [])),
+)
 
 
 def usage_of(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -458,38 +595,41 @@ def create_app(engine: Engine, limits: Limits = Limits()):
             "default_max_tokens": min(DEFAULT_MAX_TOKENS, engine.max_tokens_cap),
             "tokenizer": engine.tokenizer.name, "block_size": config.block_size,
             "vocab_size": config.vocab_size, "device": engine.device, "concurrency": engine.concurrency,
+            # requests in the batch's slots now, and waiting for one
+            **dict(zip(("running", "waiting"), engine.scheduler.load())),
         })
 
     async def models(request: Request):
         return JSONResponse({"object": "list", "data": [
-            {"id": engine.model_id, "object": "model", "created": engine.created, "owned_by": "tinystories"},
+            {"id": engine.model_id, "object": "model", "created": engine.created, "owned_by": "tinystories",
+             "description": MODEL_CARD},
         ]})
 
-    async def completions(request: Request):
-        body = parse_json_body(await read_body(request, limits))
-        req = parse_completion_request(body, engine.max_tokens_cap)
-        prompt_ids = engine.encode_prompt(req.prompt)
-        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    async def answer(request: Request, parse, shape: "Shape"):
+        """One completion in `shape`'s format: the whole of it, or streamed as server-sent events."""
+        req = parse(parse_json_body(await read_body(request, limits)), engine.max_tokens_cap)
+        prompt_ids = engine.encode_prompt(req.prompt, shape.prompt_param)
+        cid, created, model_id = f"{shape.id_prefix}-{uuid.uuid4().hex}", int(time.time()), engine.model_id
 
         if not req.stream:
             text, last = [], None
             async for piece in engine.pieces(req, prompt_ids):
                 text.append(piece.text)
                 last = piece
-            return JSONResponse(completion_body(cid, created, engine.model_id, "".join(text), last.finish_reason,
-                                                usage_of(len(prompt_ids), last.completion_tokens)))
+            return JSONResponse(shape.whole(cid, created, model_id, "".join(text), last.finish_reason,
+                                            usage_of(len(prompt_ids), last.completion_tokens)))
 
         async def events() -> AsyncIterator[bytes]:
             try:
+                for chunk in shape.opening(cid, created, model_id):
+                    yield sse(chunk)
                 async for piece in engine.pieces(req, prompt_ids):
-                    if piece.finish_reason is None:
-                        yield sse(completion_body(cid, created, engine.model_id, piece.text, None))
-                        continue
-                    yield sse(completion_body(cid, created, engine.model_id, piece.text, piece.finish_reason))
-                    if req.include_usage:  # OpenAI's shape: no choices, only the counts
+                    for chunk in shape.chunks(cid, created, model_id, piece.text, piece.finish_reason):
+                        yield sse(chunk)
+                    if piece.finish_reason is not None and req.include_usage:  # OpenAI's shape: only the counts
                         usage = usage_of(len(prompt_ids), piece.completion_tokens)
-                        yield sse({"id": cid, "object": "text_completion", "created": created,
-                                   "model": engine.model_id, "choices": [], "usage": usage})
+                        yield sse({"id": cid, "object": shape.chunk_object, "created": created, "model": model_id,
+                                   "choices": [], "usage": usage})
             except Exception as e:  # the status line is long gone: report in the stream, as OpenAI does
                 print(f"tinystories serve: generation failed: {type(e).__name__}: {e}", file=sys.stderr)
                 yield sse(ApiError(500, f"generation failed: {type(e).__name__}", type="server_error").body())
@@ -497,6 +637,12 @@ def create_app(engine: Engine, limits: Limits = Limits()):
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def completions(request: Request):
+        return await answer(request, parse_completion_request, COMPLETION)
+
+    async def chat_completions(request: Request):
+        return await answer(request, parse_chat_request, CHAT)
 
     class ErrorResponse(JSONResponse):
         """JSON in ASCII: an error may quote what the client sent, and a lone surrogate in it (valid
@@ -529,6 +675,7 @@ def create_app(engine: Engine, limits: Limits = Limits()):
         Route("/health", health, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan,
                      exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error})
@@ -696,7 +843,7 @@ def run(args) -> int:
     port = sock.getsockname()[1]
     try:
         device = pick_device(args.device)
-        dtype = decode_dtype(device, getattr(args, "dtype", None) or "fp32")
+        dtype = decode_dtype(device, getattr(args, "dtype", None) or "fp32")  # --dtype (default fp32)
         ckpt = load_checkpoint(args.checkpoint, device)
     except BaseException:
         sock.close()
@@ -706,7 +853,8 @@ def run(args) -> int:
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     n_params = sum(p.numel() for p in engine.model.parameters())
     print(f"tinystories serve: {engine.model_id} ({n_params / 1e6:.2f}M parameters, {engine.tokenizer.name}) "
-          f"on {engine.device}, at http://{shown_host}:{port}/ (API: POST /v1/completions; Ctrl-C stops)",
+          f"on {engine.device}, at http://{shown_host}:{port}/ (API: POST /v1/completions, /v1/chat/completions; "
+          "Ctrl-C stops)",
           flush=True)
     uvicorn.Server(uvicorn_config(app, args.host, port)).run(sockets=[sock])
     return 0

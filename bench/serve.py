@@ -1,0 +1,214 @@
+"""Benchmark: `tinystories serve` under N concurrent streaming clients: total tokens/s and the time
+to the first token, against another checkout of the project (the server as it was) in the same run.
+
+    .venv/bin/python bench/serve.py [--streams 16] [--max-tokens 100] [--rounds 3]
+    git archive 661744a | tar -x -C /tmp/serve-before            # the server before batching
+    .venv/bin/python bench/serve.py --baseline /tmp/serve-before   # both, round after round
+
+Each side is the real command (`python -m tinystories serve --port 0`, real uvicorn on 127.0.0.1)
+run from its checkout (the benchmark checks that the server imports that checkout's package).
+Both servers run from the start; the rounds alternate between them, in alternating order, so
+both see the load of a shared machine alike. One round: --streams clients start at once, each a
+streamed completion of --max-tokens tokens with its own story opening (the first words of real
+validation stories from ../shared) and seed, include_usage on. Reported per side: total
+completion tokens / the round's wall time (median over rounds), and the time from a request to
+its first text chunk, p50 and p95 over every request of every round; then ours / baseline.
+
+The model: the `tiny` preset's shape with random weights (seed 0) and a 4,096-token BPE trained on
+2,000 real stories, unless --checkpoint names one. A random model almost never writes
+end-of-text, so every stream does --max-tokens tokens and both sides do the same work. Bounded in
+time: every request has a timeout, every server is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import http.client
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, SHARED, load_average, machine, median, print_machine  # noqa: E402
+
+STORIES = SHARED / "tinystories" / "TinyStories-valid.head.txt"
+
+
+def make_checkpoint(out: Path) -> Path:
+    """The `tiny` preset's shape, random weights, and a 4,096-token BPE of 2,000 real stories."""
+    import torch
+
+    from tinystories.checkpoint import save_checkpoint
+    from tinystories.config import get_preset
+    from tinystories.model import GPT
+    from tinystories.tokenizer import train_bpe
+
+    stories = [s.strip() for s in STORIES.read_text(encoding="utf-8").split("<|endoftext|>") if s.strip()]
+    tokenizer = train_bpe(stories[:2000], 4096, show_progress=False)
+    torch.manual_seed(0)
+    config = dataclasses.replace(get_preset("tiny"), vocab_size=tokenizer.vocab_size)
+    return save_checkpoint(out / "bench-tiny", GPT(config), tokenizer)
+
+
+def openings(n: int) -> list[str]:
+    """The first 3 to 10 words of n real stories: prompts of different lengths."""
+    stories = [s.strip() for s in STORIES.read_text(encoding="utf-8").split("<|endoftext|>") if s.strip()]
+    return [" ".join(stories[i].split()[: 3 + i % 8]) for i in range(n)]
+
+
+class Server:
+    """`tinystories serve` run from `repo`, in a subprocess with its output in a log file."""
+
+    def __init__(self, name: str, repo: Path, checkpoint: Path, log: Path, cap: int, concurrency: int | None):
+        self.name, self.log = name, log
+        where = subprocess.run([sys.executable, "-c", "import tinystories; print(tinystories.__file__)"],
+                               cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+        if not Path(where).resolve().is_relative_to(Path(repo).resolve()):
+            raise SystemExit(f"{name}: python run in {repo} imports tinystories from {where}, not from {repo}")
+        flags = ["--concurrency", str(concurrency)] if concurrency else []
+        with open(log, "w") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tinystories", "serve", "--checkpoint", str(checkpoint), "--port", "0",
+                 "--device", "cpu", "--max-tokens-cap", str(cap), *flags],
+                cwd=repo, stdout=out, stderr=subprocess.STDOUT)
+        self.port = self._wait_for_port()
+
+    def _wait_for_port(self, timeout: float = 300) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log.read_text()
+            if "http://127.0.0.1:" in text:
+                port = int(text.split("http://127.0.0.1:", 1)[1].split("/", 1)[0])
+                while time.monotonic() < deadline:
+                    try:
+                        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                        conn.request("GET", "/health")
+                        if conn.getresponse().status == 200:
+                            return port
+                    except OSError:
+                        time.sleep(0.2)
+            if self.process.poll() is not None:
+                raise SystemExit(f"{self.name}: the server exited:\n{text}")
+            time.sleep(0.2)
+        raise SystemExit(f"{self.name}: no server within {timeout:g} s:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def stream_one(port: int, prompt: str, max_tokens: int, seed: int, timeout: float) -> tuple[float, int]:
+    """(seconds to the first text chunk, completion tokens) of one streamed completion."""
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0, "seed": seed, "stream": True,
+                       "stream_options": {"include_usage": True}})
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {response.read()[:300]!r}")
+        first, tokens = None, 0
+        for line in response:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and chunk["choices"][0]["text"] and first is None:
+                first = time.perf_counter() - t0
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+        return (first if first is not None else time.perf_counter() - t0), tokens
+    finally:
+        conn.close()
+
+
+def one_round(port: int, prompts: list[str], max_tokens: int, seed: int, timeout: float) -> tuple[float, list[float]]:
+    """(total tokens/s, each request's time to first token) of len(prompts) concurrent streams."""
+    results: list = [None] * len(prompts)
+
+    def client(i):
+        try:
+            results[i] = stream_one(port, prompts[i], max_tokens, seed + i, timeout)
+        except Exception as e:  # reported below
+            results[i] = e
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout + 5)
+    wall = time.perf_counter() - start
+    failed = [r for r in results if not isinstance(r, tuple)]
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(prompts)} streams failed: {failed[0]!r}")
+    return sum(tokens for _, tokens in results) / wall, [first for first, _ in results]
+
+
+def percentile(xs: list[float], q: float) -> float:
+    return statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else xs[0]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=None, help="a checkpoint to serve (default: the tiny shape, random)")
+    ap.add_argument("--baseline", type=Path, default=None, help="another checkout to compare with (its server)")
+    ap.add_argument("--streams", type=int, default=16, help="concurrent streaming clients per round")
+    ap.add_argument("--max-tokens", type=int, default=100, help="tokens each stream asks for")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per side, alternating between the sides")
+    ap.add_argument("--concurrency", type=int, default=None, help="the servers' --concurrency (default: theirs)")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds a request may take")
+    args = ap.parse_args(argv)
+
+    info = machine()
+    print_machine(info)
+    print(f"load average before: {load_average()}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        tmp = Path(tmp)
+        checkpoint = Path(args.checkpoint) if args.checkpoint else make_checkpoint(tmp)
+        sides = [("ours", REPO)] + ([("baseline", args.baseline.resolve())] if args.baseline else [])
+        servers = []
+        try:
+            for name, repo in sides:
+                servers.append(Server(name, repo, checkpoint, tmp / f"{name}.log", args.max_tokens, args.concurrency))
+            prompts = openings(args.streams)
+            for server in servers:  # warm up: the first request of a process pays for lazy setup
+                one_round(server.port, prompts[:2], 8, seed=0, timeout=args.timeout)
+            rates: dict[str, list[float]] = {s.name: [] for s in servers}
+            firsts: dict[str, list[float]] = {s.name: [] for s in servers}
+            for r in range(args.rounds):
+                for server in servers if r % 2 == 0 else servers[::-1]:
+                    rate, first = one_round(server.port, prompts, args.max_tokens, seed=1000 * r, timeout=args.timeout)
+                    rates[server.name].append(rate)
+                    firsts[server.name].extend(first)
+                    print(f"round {r + 1} {server.name:8s} {rate:7.0f} tokens/s, first token p50 "
+                          f"{median(first) * 1000:.0f} ms (load {load_average()})", flush=True)
+        finally:
+            for server in servers:
+                server.stop()
+
+    print(f"\n{args.streams} concurrent streams of {args.max_tokens} tokens, {args.rounds} rounds per side:")
+    for name in rates:
+        print(f"  {name:8s} {median(rates[name]):7.0f} tokens/s (median of rounds); time to first token "
+              f"p50 {median(firsts[name]) * 1000:.0f} ms, p95 {percentile(firsts[name], 95) * 1000:.0f} ms")
+    if "baseline" in rates:
+        ratios = [a / b for a, b in zip(rates["ours"], rates["baseline"])]
+        print(f"  ours / baseline: {median(ratios):.2f}x tokens/s (median of per-round ratios), time to first "
+              f"token p50 {median(firsts['ours']) / median(firsts['baseline']):.2f}x")
+    print(f"load average after: {load_average()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

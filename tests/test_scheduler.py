@@ -1,0 +1,228 @@
+"""The continuous-batching scheduler of `tinystories serve` (tinystories/scheduler.py), without HTTP.
+
+- batch invariance, bit for bit: a request's logits at every step are the same alone and beside
+  other requests of other prompt lengths and settings that join and leave around it (so it sits
+  in another slot, beside long chunked prefills and windows that jump, and its attention runs
+  over as many key blocks as the longest context beside it needs);
+- a request writes what `generate` writes for it alone: greedy and sampled, prompts and stories
+  longer than block_size (learned positions refill their window, rotary ones slide as a ring),
+  GPT-Neo's local layers, chunked prefills;
+- requests past the slots wait their turn; a cancelled one leaves and frees its slot.
+
+Tiny random models on the CPU; every wait is bounded.
+"""
+
+import queue
+import threading
+
+import pytest
+import torch
+
+from tinystories.config import LLAMA_BLOCK, ModelConfig
+from tinystories.generate import generate
+from tinystories.model import GPT
+from tinystories.scheduler import Job, Scheduler
+
+VOCAB, EOT = 96, 0
+
+SHAPES = {
+    "gpt2": dict(),  # learned positions: the window jumps and refills
+    "llama": LLAMA_BLOCK,  # rotary positions: the slot is a ring
+    "neo": dict(attention_layers=["global", "local"], window_size=5, scale_attention=False),
+}
+
+
+def tiny_model(shape: str, block_size: int = 16):
+    torch.manual_seed(0)
+    config = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=VOCAB, dropout=0.0,
+                         **SHAPES[shape])
+    return GPT(config).eval()
+
+
+def prompt(n: int, salt: int = 0) -> list[int]:
+    return [1 + (7 * i + 3 * salt) % (VOCAB - 1) for i in range(n)]  # no end-of-text inside
+
+
+def run(scheduler, job_fields: dict, record: bool = False) -> tuple[Job, "queue.Queue"]:
+    out: queue.Queue = queue.Queue()
+    job = Job(deliver=out.put, record_logits=record, **job_fields)
+    scheduler.submit(job)
+    return job, out
+
+
+def tokens_of(out: "queue.Queue", timeout: float = 60) -> tuple[list[int], str]:
+    """Every token a job delivered, and its finish reason."""
+    tokens = []
+    while True:
+        item = out.get(timeout=timeout)
+        if isinstance(item, BaseException):
+            raise item
+        token, finish = item
+        tokens.append(token)
+        if finish is not None:
+            return tokens, finish
+
+
+def alone(model, fields: dict, eot_id: int | None = EOT) -> list[int]:
+    """`generate` for the job alone, seeded as the scheduler seeds it."""
+    (tokens,) = generate(model, [fields["prompt_ids"]], fields["max_tokens"],
+                         temperature=fields.get("temperature", 1.0), top_k=fields.get("top_k"),
+                         top_p=fields.get("top_p"), eot_id=eot_id,
+                         generator=torch.Generator().manual_seed(fields.get("seed", 0)))
+    return tokens
+
+
+@pytest.fixture
+def scheduler_for():
+    made = []
+
+    def make(model, **kwargs):
+        # attention in blocks of 4 keys: a batch's longest context, and so the number of blocks its
+        # step runs, changes as requests join and leave
+        made.append(Scheduler(model, **{"slots": 4, "eot_id": EOT, "attention_block": 4, **kwargs}))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_a_job_writes_what_generate_writes(shape, scheduler_for):
+    model = tiny_model(shape)
+    scheduler = scheduler_for(model, prefill_chunk=6)  # prompts of 1 to 5 chunks
+    cases = [
+        dict(prompt_ids=prompt(3), max_tokens=40, temperature=0.0),  # greedy, past block_size 16
+        dict(prompt_ids=prompt(13, 1), max_tokens=30, temperature=1.0, seed=5),
+        dict(prompt_ids=prompt(30, 2), max_tokens=20, temperature=0.9, top_k=20, seed=6),  # a prompt past block_size
+        dict(prompt_ids=[EOT], max_tokens=25, temperature=1.0, top_p=0.8, seed=7),
+        dict(prompt_ids=prompt(6, 3), max_tokens=1, temperature=1.0, seed=8),
+    ]
+    jobs = [run(scheduler, case) for case in cases]  # all at once: 5 jobs, 4 slots
+    for case, (job, out) in zip(cases, jobs):
+        tokens, finish = tokens_of(out)
+        expected = alone(model, case)
+        assert tokens == expected, f"{shape}: {case}"
+        assert finish == ("stop" if expected[-1] == EOT else "length")
+        assert len(tokens) <= case["max_tokens"]
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_logits_do_not_depend_on_what_else_runs(shape, scheduler_for):
+    """The same request alone, then among others joining and leaving: the same logits, bit for bit."""
+    model = tiny_model(shape)
+    target = dict(prompt_ids=prompt(9, 4), max_tokens=45, temperature=1.0, top_p=0.9, seed=42)
+
+    scheduler = scheduler_for(model, slots=4, prefill_chunk=4)
+    job, out = run(scheduler, target, record=True)
+    lone_tokens, _ = tokens_of(out)
+    lone_logits = job.logits
+
+    scheduler = scheduler_for(model, slots=4, prefill_chunk=4)
+    # others first, so the target gets another slot and joins a running batch
+    first = [run(scheduler, dict(prompt_ids=prompt(20, 5), max_tokens=60, temperature=0.0)),
+             run(scheduler, dict(prompt_ids=prompt(2, 6), max_tokens=8, temperature=1.5, top_k=3, seed=1))]
+    first[0][1].get(timeout=60)  # the batch is running
+    job, out = run(scheduler, target, record=True)
+    # more while it runs: a long prompt filled in chunks beside it, and one that leaves early
+    late = run(scheduler, dict(prompt_ids=prompt(40, 7), max_tokens=30, temperature=0.7, seed=2))
+    quitter, quitter_out = run(scheduler, dict(prompt_ids=prompt(5, 8), max_tokens=60, seed=3))
+    quitter_out.get(timeout=60)
+    quitter.cancel()
+    tokens, _ = tokens_of(out)
+    for _, other in [*first, late]:
+        tokens_of(other)
+
+    assert job.slot != 0, "the target should not have had the first slot both times"
+    assert tokens == lone_tokens
+    assert len(job.logits) == len(lone_logits) == len(tokens)
+    for step, (got, expected) in enumerate(zip(job.logits, lone_logits)):
+        assert torch.equal(got, expected), f"{shape}: step {step} differs by {(got - expected).abs().max():.3g}"
+
+
+def test_jobs_past_the_slots_wait_and_a_cancelled_one_frees_its_slot(scheduler_for):
+    model = tiny_model("gpt2", block_size=32)
+    scheduler = scheduler_for(model, slots=1, eot_id=-1)  # no token ends a story: the first job runs until cancelled
+    long_job, long_out = run(scheduler, dict(prompt_ids=prompt(4), max_tokens=100_000, temperature=1.0))
+    long_out.get(timeout=60)
+    waiting, waiting_out = run(scheduler, dict(prompt_ids=prompt(4, 1), max_tokens=5, temperature=0.0))
+    assert scheduler.load() == (1, 1)
+    with pytest.raises(queue.Empty):
+        waiting_out.get(timeout=0.5)  # the only slot is taken
+    long_job.cancel()
+    tokens, _ = tokens_of(waiting_out)
+    assert tokens == alone(model, dict(prompt_ids=prompt(4, 1), max_tokens=5, temperature=0.0), eot_id=None)
+    assert scheduler.load() == (0, 0)
+
+
+def test_a_closed_scheduler_refuses_new_jobs_and_its_thread_ends(scheduler_for):
+    scheduler = scheduler_for(tiny_model("gpt2"), slots=1, eot_id=-1)
+    _, running = run(scheduler, dict(prompt_ids=prompt(3), max_tokens=100_000))
+    _, waiting = run(scheduler, dict(prompt_ids=prompt(3), max_tokens=5))
+    running.get(timeout=60)
+    scheduler.close()
+    assert not scheduler.thread.is_alive()
+    for out in (running, waiting):  # both hear that it stopped, rather than wait forever
+        with pytest.raises(RuntimeError, match="stopping"):
+            tokens_of(out, timeout=10)
+    with pytest.raises(RuntimeError):
+        scheduler.submit(Job(prompt(3), 4, deliver=print))
+    with pytest.raises(ValueError):
+        Scheduler(tiny_model("gpt2"), slots=0, eot_id=EOT)
+
+
+def test_the_worker_thread_is_the_only_one(scheduler_for):
+    """One thread owns the cache: jobs from many threads at once all finish."""
+    model = tiny_model("llama")
+    scheduler = scheduler_for(model, slots=3)
+    results = {}
+
+    def client(i):
+        _, out = run(scheduler, dict(prompt_ids=prompt(1 + i, i), max_tokens=12, temperature=1.0, seed=i))
+        results[i] = tokens_of(out)[0]
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(results) == list(range(8))
+    for i, tokens in results.items():
+        assert tokens == alone(model, dict(prompt_ids=prompt(1 + i, i), max_tokens=12, temperature=1.0, seed=i))
+    assert sum(t.name == "tinystories-scheduler" for t in threading.enumerate()) == 1
+
+
+def test_a_long_prompt_is_filled_in_chunks_between_decode_steps(scheduler_for):
+    """While a 60-token prompt is filled 4 tokens a round (15 rounds), the running request still
+    gets a token every round: prefill does not stall the batch."""
+    model = tiny_model("gpt2", block_size=64)
+    scheduler = scheduler_for(model, slots=2, prefill_chunk=4, eot_id=-1)
+    log: list = []  # who got a token, in the order the worker delivered them
+    started = threading.Event()
+    running = Job(prompt(3), 10_000, deliver=lambda item: (log.append("running"), started.set()))
+    scheduler.submit(running)
+    assert started.wait(60)
+    done: queue.Queue = queue.Queue()
+    long_fields = dict(prompt_ids=prompt(60, 1), max_tokens=3, temperature=0.0)
+    mark = len(log)
+    scheduler.submit(Job(deliver=lambda item: (log.append("long"), done.put(item)), **long_fields))
+    tokens = tokens_of(done)[0]
+    running.cancel()
+    between = log[mark : log.index("long")].count("running")
+    assert between >= 13, f"the running request got {between} tokens while the prompt was filled in 15 chunks"
+    assert tokens == alone(model, long_fields, eot_id=None)
+
+
+@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="no fbgemm kernels")
+def test_int8_weights_write_stories_in_the_batch(scheduler_for):
+    # serve --dtype int8. Not bit for bit batch-invariant: an int8 matmul takes one input scale
+    # over the whole batch (tinystories/decoding.py, Int8Linear), so only completion is checked.
+    from tinystories.decoding import Int8Linear
+
+    scheduler = scheduler_for(tiny_model("gpt2"), dtype=torch.int8)
+    assert isinstance(scheduler.model.lm_head, Int8Linear)
+    jobs = [run(scheduler, dict(prompt_ids=prompt(5, salt), max_tokens=20, temperature=0.0)) for salt in range(3)]
+    for job, out in jobs:
+        tokens, finish = tokens_of(out)
+        assert len(tokens) == 20 or tokens[-1] == EOT
+        assert all(0 <= t < VOCAB for t in tokens)

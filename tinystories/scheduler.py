@@ -1,0 +1,367 @@
+"""Continuous batching: one worker thread decodes every running request in one forward pass.
+
+    scheduler = Scheduler(model, slots=16, eot_id=tok.eot_id)
+    job = Job(prompt_ids, max_tokens=200, deliver=print, temperature=0.8, top_p=0.95, seed=1)
+    scheduler.submit(job)       # deliver((token, None)) per token, then deliver((token, "stop" | "length"))
+    job.cancel()                # the client left: the job leaves the batch before the next step
+    scheduler.close()
+
+`tinystories serve` is the HTTP layer (serve.py); this module knows nothing of HTTP or text. It
+owns a KV cache of `slots` rows of block_size positions each. A request takes a free slot (or waits
+for one, first come first served), fills it with its prompt (prefill), then decodes one token per
+step together with every other request in its decode phase, and leaves at end-of-text, at
+max_tokens, or when cancelled. Requests join and leave between steps.
+
+Batch invariance: a request's text never depends on what else runs. Each request samples with
+its own torch.Generator and settings from its own row of logits (`sample_next` on that row
+alone, as `stream` does at batch 1). The row's logits depend on nothing but the row:
+- the decode step always runs at the same shape, every slot (free ones and ones still
+  prefilling compute a row that is thrown away): for a fixed GEMM shape each output row
+  depends only on its input row, bit for bit, where the arithmetic of a batch of 3 and a batch
+  of 16 would differ in the last bits. Attention runs over blocks of `attention_block` keys
+  of every slot, each row's own keys selected by its mask, each block at one shape; as many
+  blocks run as the longest context in the batch needs, and a block past a row's keys adds
+  exactly nothing to it (`_attend`), so a row's attention does not depend on the others either.
+- a prefill runs one request alone (batch 1, its own slot's cache), in chunks of
+  `prefill_chunk` tokens whose boundaries depend only on the prompt: many requests' prefills are
+  never batched together, since their shape would depend on who else arrived.
+- what is written to the cache is written only into the request's own slot.
+tests/test_scheduler.py checks the logits bit for bit: one request alone, and beside others of
+other lengths and settings that join and leave around it, in another slot. The price: a lone
+request computes the rows of all slots, so it decodes slower than `stream` at batch 1 would.
+
+Against `tinystories.generate.stream` (a request alone through the library): the same sampling,
+the same sliding window (below), and the same prefill for a prompt of up to `prefill_chunk`
+tokens; the decode steps compute the same sums at batch `slots` instead of batch 1, so a logit
+can differ in its last bit, which moves a sampled token only when the draw lands within that of a
+boundary (never seen in the tests, which compare the server's stories with `generate`'s).
+
+Prefill does not stall the running batch for long: each round of the worker fills the first
+chunk of every request that just took a slot (a short prompt is then done: its first token comes
+at once), then at most `prefill_chunk` more prompt tokens (whole chunks, the oldest request
+first), then runs a decode step. A long prompt is filled over several rounds while the others
+keep decoding; with nothing decoding, every waiting prompt is filled at once.
+
+Contexts longer than block_size, as `stream` does them:
+- learned positions: the visible context starts at `start`; when it outgrows block_size, `start`
+  jumps so that only the last `window_keep` (block_size // 2) tokens stay visible, and the slot is
+  filled again from them (a prefill, like a new request's, chunks and all). A prompt longer
+  than block_size is cut the same way.
+- rotary positions (no local layers): the slot is a ring; every token sees the last block_size
+  tokens, itself included. The prompt's tokens past the first block_size are fed one at a time
+  (a forward pass cannot write across the ring's end).
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from tinystories.decoding import decoding_copy
+from tinystories.generate import sample_next, window_start
+from tinystories.model import KVCache, rope_angles, rotate
+
+PREFILL_CHUNK = 64  # prompt tokens a prefill forward pass takes at once, and filled per round of the worker
+ATTENTION_BLOCK = 64  # keys a decode step's attention takes at once (Scheduler._attend)
+
+
+@dataclass(eq=False)
+class Job:
+    """One request: its prompt and settings, where its tokens go, and its place in the batch.
+
+    deliver((token, finish_reason)) is called from the worker thread for every sampled token,
+    finish_reason None but on the last ("stop": the token is end-of-text; "length": max_tokens
+    reached); deliver(exception) if the worker failed. It must be quick (hand the token on).
+    """
+
+    prompt_ids: list[int]
+    max_tokens: int
+    deliver: Callable
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    record_logits: bool = False  # keep each step's logits row in `logits` (tests check invariance with it)
+
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    logits: list[Tensor] = field(default_factory=list)
+    # the worker's state
+    context: list[int] = field(default_factory=list)  # prompt and sampled tokens so far
+    start: int = 0  # context[start:] is visible (learned positions; always 0 for a ring)
+    filled: int = 0  # tokens of context[start:] in the slot's cache
+    slot: int = -1
+    generator: torch.Generator | None = None
+
+    def cancel(self) -> None:
+        """Leave the batch before the next step (thread-safe; the worker sends nothing more)."""
+        self.cancelled.set()
+
+
+class _SlotCache(KVCache):
+    """One slot of the shared cache as a batch-1 KVCache for the model's forward pass: its tensors
+    are views, so a prefill writes straight into the slot."""
+
+    def __init__(self, cache: KVCache, slot: int, length: int):
+        self.k, self.v, self.length = cache.k[:, slot : slot + 1], cache.v[:, slot : slot + 1], length
+
+
+class Scheduler:
+    """The worker thread, the shared KV cache and the queue of requests waiting for a slot."""
+
+    def __init__(self, model, slots: int, eot_id: int, prefill_chunk: int = PREFILL_CHUNK,
+                 window_keep: int | None = None, dtype: torch.dtype | None = None,
+                 attention_block: int = ATTENTION_BLOCK):
+        config = model.config
+        if min(slots, prefill_chunk, attention_block) < 1:
+            raise ValueError(f"slots, prefill_chunk and attention_block must be >= 1, got {slots}, {prefill_chunk} "
+                             f"and {attention_block}")
+        self.slots, self.eot_id, self.prefill_chunk = slots, eot_id, prefill_chunk
+        self.attention_block = attention_block
+        self.block_size = config.block_size
+        self.window_keep = config.block_size // 2 if window_keep is None else window_keep
+        if not 1 <= self.window_keep <= self.block_size:
+            raise ValueError(f"window_keep must be in [1, block_size={self.block_size}], got {self.window_keep}")
+        # RoPE without local layers slides as a ring; learned positions refill (see the module docstring)
+        self.ring = config.pos_embedding == "rope" and "local" not in (config.attention_layers or ())
+        # The model laid out for decoding, as `stream` uses it (on the CPU: packed matmul weights).
+        self.model = decoding_copy(model, dtype)
+        self.device = model.transformer.wte.weight.device
+        with torch.inference_mode():
+            self.cache = self.model.new_kv_cache(batch_size=slots, max_len=config.block_size)
+        # per layer: how many keys back it sees (None: all); GPT-Neo's local layers see window_size
+        self.windows = [config.window_size if config.is_local(i) else None for i in range(config.n_layer)]
+        self.running: list[Job] = []  # in slots; filling or decoding
+        self.free = list(range(slots - 1, -1, -1))  # slot numbers, the lowest taken first
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.lock = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._work, name="tinystories-scheduler", daemon=True)
+        self.thread.start()
+
+    # -------------------------------------------------------------------------
+    # The HTTP side's calls (any thread)
+
+    def submit(self, job: Job) -> None:
+        if not job.prompt_ids or job.max_tokens < 1:
+            raise ValueError("a job needs at least one prompt token and max_tokens >= 1")
+        job.generator = torch.Generator().manual_seed(job.seed)  # on the CPU: a seed means one story everywhere
+        job.context = list(job.prompt_ids)
+        job.start = 0 if self.ring else window_start(len(job.context), 0, self.block_size, self.window_keep)
+        job.filled = 0
+        with self.lock:
+            if self.stopping:
+                raise RuntimeError("the scheduler is closed")
+            self.waiting.append(job)
+            self.lock.notify()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the worker after its current step; jobs still there are told so (an exception)."""
+        with self.lock:
+            self.stopping = True
+            self.lock.notify()
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
+            self.thread.join(timeout)
+        with self.lock:
+            left, self.running, self.waiting = [*self.running, *self.waiting], [], collections.deque()
+        for job in left:
+            if not job.cancelled.is_set():
+                job.deliver(RuntimeError("the server is stopping"))
+
+    def load(self) -> tuple[int, int]:
+        """(requests in slots, requests waiting for one)."""
+        with self.lock:
+            return len(self.running), len(self.waiting)
+
+    # -------------------------------------------------------------------------
+    # The worker
+
+    def _work(self) -> None:
+        with torch.inference_mode():  # per thread: the worker enters it itself
+            while self._admit():
+                try:
+                    self._fill()
+                    self._decode()
+                except Exception as e:  # a bug: every running request hears of it, and the server goes on
+                    print(f"tinystories serve: the decode step failed: {type(e).__name__}: {e}", file=sys.stderr)
+                    with self.lock:
+                        for job in self.running:
+                            job.deliver(e)
+                        self._leave(list(self.running))
+
+    def _admit(self) -> bool:
+        """Drop cancelled jobs, give free slots to waiting ones; wait while there is nothing to do.
+        False once the scheduler is closing."""
+        with self.lock:
+            while True:
+                if self.stopping:
+                    return False
+                self._leave([job for job in self.running if job.cancelled.is_set()])
+                while self.free and self.waiting:
+                    job = self.waiting.popleft()
+                    if not job.cancelled.is_set():
+                        job.slot = self.free.pop()
+                        self.running.append(job)
+                if self.running:
+                    return True
+                self.lock.wait()
+
+    def _leave(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self.running.remove(job)
+            self.free.append(job.slot)
+            self.free.sort(reverse=True)
+
+    def _fill(self) -> None:
+        """Prefill: the first chunk of every new job at once (its time to the first token), then
+        whole chunks, the oldest job first, until `prefill_chunk` tokens are filled this round.
+        With no job decoding (a burst into an idle server) there is nothing to stall: all of it."""
+        decoding = any(not self._filling(job) for job in self.running)
+        budget = self.prefill_chunk if decoding else float("inf")
+        for job in list(self.running):
+            if job.filled == 0 and len(job.context) == len(job.prompt_ids) and not job.cancelled.is_set():
+                budget -= self._fill_chunk(job)
+        for job in list(self.running):
+            while budget > 0 and not job.cancelled.is_set() and self._filling(job):
+                budget -= self._fill_chunk(job)
+            if budget <= 0:
+                return
+
+    def _filling(self, job: Job) -> bool:
+        """Whether the job's visible context is not yet in its slot (more than the last token missing,
+        or nothing at all: a new or refilled slot is always filled by a prefill)."""
+        missing = len(job.context) - job.start - job.filled
+        return missing > 1 or job.filled == 0
+
+    def _fill_chunk(self, job: Job) -> int:
+        """Feed the next chunk of the job's visible context into its slot; the number of tokens fed.
+        The last chunk's logits give the job its next token."""
+        visible = job.context[job.start :]
+        i = job.filled
+        # a chunk never crosses the cache's end; past it (a ring) tokens go one at a time
+        j = min(i + self.prefill_chunk, len(visible), self.block_size) if i < self.block_size else i + 1
+        idx = torch.tensor([visible[i:j]], dtype=torch.long, device=self.device)  # (1, T)
+        cache = _SlotCache(self.cache, job.slot, i)
+        logits, _ = self.model(idx, kv_cache=cache)  # positions i..j-1, the slot's own cache only
+        job.filled = j
+        if j == len(visible):
+            self._sample(job, logits[0, -1])
+        return j - i
+
+    def _decode(self) -> None:
+        """One step for every job in its decode phase, at the fixed shape of all slots."""
+        jobs = [job for job in self.running if not job.cancelled.is_set() and not self._filling(job)]
+        if not jobs:
+            return
+        idx, lengths = [0] * self.slots, [0] * self.slots  # free slots: token 0 at position 0, thrown away
+        for job in jobs:
+            idx[job.slot], lengths[job.slot] = job.context[-1], job.filled  # filled: tokens before this one
+        n_keys = max(min(job.filled + 1, self.block_size) for job in jobs)  # the longest context in the batch
+        logits = self._step(*(torch.tensor(v, dtype=torch.long, device=self.device)
+                              for v in (idx, lengths, [job.slot for job in jobs])), n_keys)
+        for job in jobs:
+            job.filled += 1
+            self._sample(job, logits[job.slot])
+
+    def _step(self, idx: Tensor, lengths: Tensor, rows: Tensor, n_keys: int) -> Tensor:
+        """Logits (slots, V) after each slot's token idx (slots,) at position lengths (slots,); only
+        `rows` write their keys and values (at index length, or length % block_size in a ring), and
+        no row of `rows` sees more than the first n_keys keys of its slot.
+
+        The model's forward pass for one new token per row, written out so that each row has its
+        own cache length (the KVCache of model.py has one length for the whole batch).
+        """
+        model, config = self.model, self.model.config
+        S, C, H, D, L = self.slots, config.n_embd, config.n_head, config.head_dim, self.block_size
+        # where each active row's new key goes, as rows of the cache layer viewed as (S * n_head * L, head_dim)
+        at = lengths[rows] % L  # (A,)
+        rows_heads = (rows[:, None] * H + torch.arange(H, device=idx.device)[None, :]).reshape(-1)  # (A * n_head,)
+        where = rows_heads * L + at.repeat_interleave(H)  # (A * n_head,) in the (S * n_head * L, head_dim) view
+        keys = torch.arange(L, device=idx.device)
+        seen = keys[None, :] <= lengths[:, None]  # (S, L); a full ring: every key
+        seen[:, 0] = True  # a free slot's row sees something (no all-masked row, whose attention is NaN)
+        dtype = self.cache.k.dtype
+        masks = {None: _additive(seen, dtype)}
+        for window in set(self.windows) - {None}:  # a local layer: the last `window` keys, itself included
+            band = seen & (keys[None, :] > lengths[:, None] - window)
+            band[:, 0] |= ~band.any(dim=-1)
+            masks[window] = _additive(band, dtype)
+        x = model.transformer.wte(idx)  # (S, C)
+        if "wpe" in model.transformer:
+            x = x + model.transformer.wpe(lengths)
+        else:
+            rope = rope_angles(lengths[:, None], D, config.rope_theta)  # cos, sin: (S, 1, 1, head_dim)
+        for i, block in enumerate(model.transformer.h):
+            attn = block.attn
+            qkv = attn.c_attn(block.ln_1(x))  # (S, 3C)
+            q, k, v = (t.reshape(S, H, 1, D) for t in qkv.split(C, dim=-1))  # (S, n_head, 1, head_dim)
+            if hasattr(attn, "q_norm"):
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            if "wpe" not in model.transformer:
+                q, k = rotate(q, *rope), rotate(k, *rope)
+            cache_k, cache_v = self.cache.k[i], self.cache.v[i]  # (S, n_head, L, head_dim)
+            cache_k.view(-1, D).index_copy_(0, where, k.reshape(S * H, D)[rows_heads])
+            cache_v.view(-1, D).index_copy_(0, where, v.reshape(S * H, D)[rows_heads])
+            scale = attn.scale if attn.scale is not None else D**-0.5
+            y = self._attend(q, cache_k, cache_v, masks[self.windows[i]], scale, n_keys)  # (S, n_head, 1, head_dim)
+            x = x + attn.c_proj(y.reshape(S, C))  # (S, n_head, 1, head_dim) -> (S, C)
+            x = x + block.mlp(block.ln_2(x))
+        return model.lm_head(model.transformer.ln_f(x)).float()  # (S, V)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, n_keys: int) -> Tensor:
+        """Attention of each row's query q (S, n_head, 1, head_dim) over its slot's keys and values
+        k, v (S, n_head, L, head_dim), `mask` (S, 1, 1, L) added to the scores (-inf: not seen).
+
+        Over blocks of `attention_block` keys, as flash attention does (a running maximum m, sum l
+        and output o per row), only as many blocks as hold the first n_keys keys: the cost follows
+        the longest context in the batch, not block_size. Yet a row's result does not depend on
+        how many blocks run: every block is an operation of one fixed shape, and a block past the
+        row's keys changes nothing, exactly (its scores are -inf, so m stays, the rescale is
+        exp(0) = 1 and what it adds is 0). SDPA's CPU kernel, given a smaller span of keys, sums in
+        another order (tests/test_scheduler.py catches that), and took ~1 ms a layer here anyway.
+        """
+        S, H, _, D = q.shape
+        m = torch.full((S, H, 1, 1), float("-inf"), dtype=q.dtype, device=q.device)
+        l = torch.zeros((S, H, 1, 1), dtype=q.dtype, device=q.device)  # noqa: E741 (flash attention's name)
+        o = torch.zeros_like(q)
+        for a in range(0, n_keys, self.attention_block):
+            b = min(a + self.attention_block, k.shape[2])
+            scores = (q @ k[:, :, a:b].transpose(-1, -2)) * scale + mask[..., a:b]  # (S, n_head, 1, keys)
+            m_new = torch.maximum(m, scores.amax(dim=-1, keepdim=True))
+            shift = m_new.nan_to_num(neginf=0.0)  # a row that has seen nothing yet: exp(-inf - 0) = 0
+            p = (scores - shift).exp()
+            rescale = (m - shift).exp()  # exp(0) = 1 once a row's maximum stops growing
+            l = l * rescale + p.sum(dim=-1, keepdim=True)  # noqa: E741
+            o = o * rescale + p @ v[:, :, a:b]
+            m = m_new
+        return o / l
+
+    def _sample(self, job: Job, logits: Tensor) -> None:
+        """The job's next token from its row of logits (V,), with its own generator; deliver it,
+        then end the job or move its window."""
+        if job.record_logits:
+            job.logits.append(logits.clone())
+        token = int(sample_next(logits[None], job.temperature, job.top_k, job.top_p, job.generator)[0])
+        job.context.append(token)
+        n_new = len(job.context) - len(job.prompt_ids)
+        finish = "stop" if token == self.eot_id else "length" if n_new >= job.max_tokens else None
+        job.deliver((token, finish))
+        if finish is not None:
+            with self.lock:
+                self._leave([job])
+            return
+        if not self.ring:
+            start = window_start(len(job.context), job.start, self.block_size, self.window_keep)
+            if start != job.start:  # the window jumped: fill the slot again from the new start
+                job.start, job.filled = start, 0
+
+
+def _additive(seen: Tensor, dtype: torch.dtype) -> Tensor:
+    """A key mask (S, L) as the scores' addend (S, 1, 1, L): 0 where seen, -inf elsewhere."""
+    return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill(~seen, float("-inf"))[:, None, None]
+
