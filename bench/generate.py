@@ -189,10 +189,12 @@ def compare(args) -> None:
     sides = list(args.sides)
     if args.llama_bench:
         if not Path(args.llama_bench).is_file():
-            raise SystemExit(f"--llama-bench {args.llama_bench}: no such file (the benchmark runs one, never builds it)")
+            raise SystemExit(f"--llama-bench {args.llama_bench}: no such file "
+                             "(the benchmark runs one, never builds it)")
         sides += [f"llama.cpp:{Path(g).name}" for g in args.gguf]
     print(f"threads per side: {args.threads or 'torch default'}; "
-          f"{args.checkpoint or '33m preset, random weights (seed 0)'}: decode {args.new_tokens} greedy tokens per row, "
+          f"{args.checkpoint or '33m preset, random weights (seed 0)'}: "
+          f"decode {args.new_tokens} greedy tokens per row, "
           f"prefill one {args.prompt_tokens}-token prompt; {args.warmup} warm-up + {args.rounds} timed runs per side; "
           f"load average before: {load_average()}", flush=True)
     extra = ["--new-tokens", str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens)]
@@ -263,7 +265,8 @@ def agreement(args) -> None:
     stories = [s.strip() for s in text.split("<|endoftext|>") if s.strip()][: args.agreement]
     prompts = [tokenizer.encode(" ".join(s.split()[:8])) for s in stories]  # the first eight words
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
-    written = {name: generate(model, prompts, args.new_tokens, temperature=0.0, dtype=dt) for name, dt in dtypes.items()}
+    written = {name: generate(model, prompts, args.new_tokens, temperature=0.0, dtype=dt)
+               for name, dt in dtypes.items()}
     print(f"greedy, {len(prompts)} real openings, {args.new_tokens} new tokens each")
     for a, b in (("bf16", "fp32"), ("int8", "fp32"), ("int8", "bf16")):
         same_prefix, same = [], 0
@@ -275,7 +278,8 @@ def agreement(args) -> None:
               f"{sum(x == y for x, y in zip(written[a], written[b]))}/{len(prompts)} stories identical; tokens before "
               f"the first difference: median {median(same_prefix):.0f}, min {min(same_prefix)}")
 
-    sets = {"stories": np.asarray([t for s in stories for t in tokenizer.encode(s) + [tokenizer.eot_id]], dtype=np.int64)}
+    story_tokens = [t for s in stories for t in tokenizer.encode(s) + [tokenizer.eot_id]]
+    sets = {"stories": np.asarray(story_tokens, dtype=np.int64)}
     if args.data:
         from tinystories.data import open_split, read_meta
         from tinystories.tokenizer import check_same_tokenizer
@@ -283,8 +287,8 @@ def agreement(args) -> None:
         if args.checkpoint:
             from tinystories.checkpoint import read_checkpoint_config
 
-            check_same_tokenizer(read_checkpoint_config(args.checkpoint)["tokenizer"], read_meta(args.data)["tokenizer"],
-                                 f"checkpoint {args.checkpoint}", f"data {args.data}")
+            ours, theirs = read_checkpoint_config(args.checkpoint)["tokenizer"], read_meta(args.data)["tokenizer"]
+            check_same_tokenizer(ours, theirs, f"checkpoint {args.checkpoint}", f"data {args.data}")
         test = np.asarray(open_split(args.data, "test")[: args.test_tokens], dtype=np.int64)
         ends = np.nonzero(test == tokenizer.eot_id)[0]
         sets[f"test split of {args.data} (first {ends[-1] + 1:,} tokens)"] = test[: ends[-1] + 1]  # whole stories

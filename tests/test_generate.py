@@ -359,7 +359,8 @@ def test_cli_num_samples_and_empty_prompt(checkpoint_dir, capsys):
 
 @pytest.mark.skipif(not int8_supported(), reason="no fbgemm kernels in this PyTorch build")
 def test_cli_int8_writes_a_story_and_the_same_one_again(checkpoint_dir, capsys):
-    args = ["generate", "--checkpoint", str(checkpoint_dir), "--max-new-tokens", "20", "--seed", "5", "--prompt", "The cat"]
+    args = ["generate", "--checkpoint", str(checkpoint_dir), "--max-new-tokens", "20", "--seed", "5",
+            "--prompt", "The cat"]
     assert main(args + ["--dtype", "int8"]) == 0
     first = capsys.readouterr().out
     assert main(args + ["--dtype", "int8"]) == 0

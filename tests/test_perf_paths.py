@@ -348,7 +348,8 @@ def test_int8_loss_is_within_1_percent_of_the_models_on_a_trained_model(v1_train
 
     stories = read_stories(v1_train_head, limit=400)
     tok = train_bpe(stories[:300], 512, show_progress=False)
-    train, held_out = ([t for s in part for t in [tok.eot_id] + tok.encode(s)] for part in (stories[:350], stories[350:]))
+    train, held_out = ([t for s in part for t in [tok.eot_id] + tok.encode(s)]
+                       for part in (stories[:350], stories[350:]))
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=tok.vocab_size, dropout=0.0))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

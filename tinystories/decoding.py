@@ -148,7 +148,8 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear, gelu: bool = False):
         super().__init__()
-        self.in_features, self.out_features, self.dtype, self.gelu = linear.in_features, linear.out_features, torch.int8, gelu
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.dtype, self.gelu = torch.int8, gelu
         q, scale = quantize_per_channel(linear.weight)
         zero = torch.zeros(len(scale), dtype=torch.long)
         bias = None if linear.bias is None else linear.bias.detach().float()
@@ -258,9 +259,10 @@ def decoding_copy(model, dtype: torch.dtype | None = None):
     """The model as the cached decoder runs it, with matmul weights in `dtype` (None: the model's).
 
     On the CPU: a copy whose Linear layers are PackedLinear in `dtype` (Int8Linear for torch.int8)
-    and everything else as in the model (bf16 attention kernels are slow at one query per row, and fp32 keeps the KV cache
-    exact). Elsewhere: the model itself, or a copy cast to `dtype`. Made once per model and dtype,
-    and again whenever a weight of `model` changed since (its version counter tells).
+    and everything else as in the model (bf16 attention kernels are slow at one query per row, and
+    fp32 keeps the KV cache exact). Elsewhere: the model itself, or a copy cast to `dtype`. Made
+    once per model and dtype, and again whenever a weight of `model` changed since (its version
+    counter tells).
     """
     weight = model.transformer.wte.weight
     dtype = dtype or weight.dtype

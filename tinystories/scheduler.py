@@ -247,7 +247,8 @@ class Scheduler:
         j = min(i + self.prefill_chunk, len(visible), self.block_size) if i < self.block_size else i + 1
         idx = torch.tensor([visible[i:j]], dtype=torch.long, device=self.device)  # (1, T)
         cache = _SlotCache(self.cache, job.slot, i)
-        logits, _ = self.model(idx, kv_cache=cache)  # positions i..j-1, the slot's own cache only
+        # positions i..j-1, the slot's own cache only; the output layer at the last one only
+        logits, _ = self.model(idx, kv_cache=cache, only_last=True)
         job.filled = j
         if j == len(visible):
             self._sample(job, logits[0, -1])
