@@ -323,6 +323,9 @@ def _add_serve(sub) -> None:
                    help="requests decoded together in one batch (the KV cache's slots); more wait their turn. "
                         "Every decode step computes all slots (so a request's text never depends on the others), "
                         "so fewer slots make a lone request faster and many streams slower")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="the decode weights' dtype, as `generate` picks it: auto is bf16 on CPUs that multiply "
+                        "bf16 natively (AVX-512 BF16, AMX) and on recent GPUs, else the checkpoint's own")
     p.add_argument("--model-name", default=None,
                    help="the model id the API reports (default: the run or checkpoint folder name)")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")

@@ -402,7 +402,8 @@ class Engine:
     """The model, loaded once, and the scheduler that decodes the requests together
     (tinystories/scheduler.py: one worker thread, one batch, --concurrency slots)."""
 
-    def __init__(self, checkpoint, model_id: str, max_tokens_cap: int, concurrency: int):
+    def __init__(self, checkpoint, model_id: str, max_tokens_cap: int, concurrency: int, dtype: str = "auto"):
+        from tinystories.decoding import decode_dtype
         from tinystories.scheduler import Scheduler
 
         self.model = checkpoint.model
@@ -413,7 +414,9 @@ class Engine:
         self.created = int(Path(checkpoint.path).stat().st_mtime)
         self.device = str(next(self.model.parameters()).device)
         self.model.eval()
-        self.scheduler = Scheduler(self.model, slots=concurrency, eot_id=self.tokenizer.eot_id)
+        # the weights' dtype as `tinystories generate` picks it (bf16 where the hardware multiplies it)
+        self.dtype = decode_dtype(next(self.model.parameters()).device, dtype)
+        self.scheduler = Scheduler(self.model, slots=concurrency, eot_id=self.tokenizer.eot_id, dtype=self.dtype)
 
     def encode_prompt(self, prompt: str, param: str = "prompt") -> list[int]:
         """The prompt's token ids (end-of-text for an empty one); ApiError(400) for text that is not
@@ -845,7 +848,8 @@ def run(args) -> int:
     except BaseException:
         sock.close()
         raise
-    engine = Engine(ckpt, args.model_name or model_id_for(ckpt.path), args.max_tokens_cap, args.concurrency)
+    engine = Engine(ckpt, args.model_name or model_id_for(ckpt.path), args.max_tokens_cap, args.concurrency,
+                    args.dtype)
     app = create_app(engine)
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     n_params = sum(p.numel() for p in engine.model.parameters())
