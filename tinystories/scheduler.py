@@ -284,7 +284,8 @@ class Scheduler:
     def _decode(self) -> None:
         """One step for every job in its decode phase, at the smallest of `step_shapes` that holds
         their slots (they are the lowest ones: `_compact`)."""
-        jobs = [job for job in self.running if not job.cancelled.is_set() and not self._filling(job)]
+        jobs = sorted((job for job in self.running if not job.cancelled.is_set() and not self._filling(job)),
+                      key=lambda job: job.slot)
         if not jobs:
             return
         highest = max(job.slot for job in jobs)
@@ -352,51 +353,52 @@ class Scheduler:
             x = x + F.embedding(lengths, self.wpe)
         else:
             rope = rope_angles(lengths[:, None], D, config.rope_theta)  # cos, sin: (S, 1, 1, head_dim)
+        every_row = rows.shape[0] == S  # rows is then 0 .. S - 1 (_decode sorts it): no gather
         for i, (ln_1, c_attn, q_norm, k_norm, c_proj, scale, ln_2, mlp, window) in enumerate(self.layers):
             qkv = _linear(c_attn, ln_1(x))  # (S, 3C)
-            q, k, v = (t.reshape(S, H, 1, D) for t in qkv.split(C, dim=-1))  # (S, n_head, 1, head_dim)
+            qk, v = qkv[:, : 2 * C].reshape(S, 2 * H, 1, D), qkv[:, 2 * C :].reshape(S, H, 1, D)
             if q_norm is not None:
-                q, k = q_norm(q), k_norm(k)
+                qk = torch.cat((q_norm(qk[:, :H]), k_norm(qk[:, H:])), dim=1)
             if self.wpe is None:
-                q, k = rotate(q, *rope), rotate(k, *rope)
+                qk = rotate(qk, *rope)  # queries and keys at once (elementwise: the same as one by one)
+            q, k = qk[:, :H] * scale, qk[:, H:]  # (S, n_head, 1, head_dim); q scaled here, not its scores
             cache_k, cache_v = self.cache.k[i, :S], self.cache.v[i, :S]  # (S, n_head, L, head_dim)
-            cache_k.view(-1, D).index_copy_(0, where, k.reshape(S * H, D)[rows_heads])
-            cache_v.view(-1, D).index_copy_(0, where, v.reshape(S * H, D)[rows_heads])
-            y = self._attend(q, cache_k, cache_v, masks[window], scale, n_keys)  # (S, n_head, 1, head_dim)
+            new_k, new_v = k.reshape(S * H, D), v.reshape(S * H, D)
+            if not every_row:
+                new_k, new_v = new_k[rows_heads], new_v[rows_heads]
+            cache_k.view(-1, D).index_copy_(0, where, new_k)
+            cache_v.view(-1, D).index_copy_(0, where, new_v)
+            y = self._attend(q, cache_k, cache_v, masks[window], n_keys)  # (S, n_head, 1, head_dim)
             x = x + _linear(c_proj, y.reshape(S, C))  # (S, n_head, 1, head_dim) -> (S, C)
             h = ln_2(x)
             x = x + (mlp.c_proj.matmul(mlp.hidden(h)).to(x.dtype) if isinstance(mlp, PackedMLP) else mlp(h))
         return _linear(self.lm_head, self.ln_f(x)).float()  # (S, V)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, n_keys: int) -> Tensor:
-        """Attention of each row's query q (S, n_head, 1, head_dim) over its slot's keys and values
-        k, v (S, n_head, L, head_dim), `mask` (S, 1, 1, L) added to the scores (-inf: not seen).
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, n_keys: int) -> Tensor:
+        """Attention of each row's scaled query q (S, n_head, 1, head_dim) over its slot's keys and
+        values k, v (S, n_head, L, head_dim), `mask` (S, 1, 1, L) added to the scores (-inf: not seen).
 
-        Over blocks of `attention_block` keys, as flash attention does (a running maximum m, sum l
-        and output o per row), only as many blocks as hold the first n_keys keys: the cost follows
-        the longest context in the batch, not block_size. Yet a row's result does not depend on
-        how many blocks run: every block is an operation of one fixed shape, and a block past the
-        row's keys changes nothing, exactly (its scores are -inf, so m stays, the rescale is
-        exp(0) = 1 and what it adds is 0). SDPA's CPU kernel, given a smaller span of keys, sums in
-        another order (tests/test_scheduler.py catches that), and took ~1 ms a layer here anyway.
-        m starts at the lowest finite value rather than -inf, so that a row with no key in a block
-        yet (a local layer's band) needs no NaN guard: exp(-inf - m) = 0 and exp(m - m) = 1.
+        Over blocks of `attention_block` keys, only as many as hold the first n_keys keys: the
+        cost follows the longest context in the batch, not block_size. Yet a row's result does not
+        depend on how many blocks run: each block's scores, sum of probabilities and weighted sum
+        of values are operations of one fixed shape, the blocks' results are added one after the
+        other, and a block past the row's keys adds exactly nothing (its scores are -inf, so its
+        probabilities are 0; the maximum over all blocks' scores does not see it). SDPA's CPU kernel,
+        given a smaller span of keys, sums in another order (tests/test_scheduler.py catches that),
+        and took ~1 ms a layer here anyway.
         """
-        lowest = torch.finfo(q.dtype).min
-        for a in range(0, n_keys, self.attention_block):
-            b = min(a + self.attention_block, k.shape[2])
-            scores = (q @ k[:, :, a:b].transpose(-1, -2)) * scale + mask[..., a:b]  # (S, n_head, 1, keys)
-            if a == 0:
-                m = scores.amax(dim=-1, keepdim=True).clamp_min(lowest)
-                p = (scores - m).exp()
-                l, o = p.sum(dim=-1, keepdim=True), p @ v[:, :, a:b]  # noqa: E741 (flash attention's name)
-                continue
-            m_new = torch.maximum(m, scores.amax(dim=-1, keepdim=True))
-            p = (scores - m_new).exp()
-            rescale = (m - m_new).exp()  # exp(0) = 1 once a row's maximum stops growing
-            l = l * rescale + p.sum(dim=-1, keepdim=True)  # noqa: E741
-            o = o * rescale + p @ v[:, :, a:b]
-            m = m_new
+        B = self.attention_block
+        spans = [(a, min(a + B, k.shape[2])) for a in range(0, n_keys, B)]
+        scores = [q @ k[:, :, a:b].transpose(-1, -2) + mask[..., a:b] for a, b in spans]  # (S, n_head, 1, keys)
+        # each row's maximum score (S, n_head, 1, 1): finite, as every row sees a key (_step's masks)
+        m = scores[0].amax(dim=-1, keepdim=True)
+        for block in scores[1:]:
+            m = torch.maximum(m, block.amax(dim=-1, keepdim=True))
+        l = o = None  # noqa: E741 (flash attention's names: the sum of probabilities, the output)
+        for (a, b), block in zip(spans, scores):
+            p = (block - m).exp()
+            l = p.sum(dim=-1, keepdim=True) if l is None else l + p.sum(dim=-1, keepdim=True)  # noqa: E741
+            o = p @ v[:, :, a:b] if o is None else o + p @ v[:, :, a:b]
         return o / l
 
     def _sample(self, job: Job, logits: Tensor) -> None:
