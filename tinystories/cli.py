@@ -321,8 +321,9 @@ def _add_serve(sub) -> None:
                    help="largest max_tokens a request may ask for; larger requests get a 400 error")
     p.add_argument("--concurrency", type=_positive_int, default=16,
                    help="requests decoded together in one batch (the KV cache's slots); more wait their turn. "
-                        "Every decode step computes all slots (so a request's text never depends on the others), "
-                        "so fewer slots make a lone request faster and many streams slower")
+                        "A decode step computes 1, 2, 4, ... rows, the fewest that hold the requests decoding, "
+                        "at shapes proven to give a row the same logits (so a request's text never depends on the "
+                        "others)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                    help="the decode weights' dtype, as `generate` picks it: auto is bf16 on CPUs that multiply "
                         "bf16 natively (AVX-512 BF16, AMX) and on recent GPUs, else the checkpoint's own")

@@ -15,25 +15,45 @@ max_tokens, or when cancelled. Requests join and leave between steps.
 Batch invariance: a request's text never depends on what else runs. Each request samples with
 its own torch.Generator and settings from its own row of logits (`sample_next` on that row
 alone, as `stream` does at batch 1). The row's logits depend on nothing but the row:
-- the decode step always runs at the same shape, every slot (free ones and ones still
-  prefilling compute a row that is thrown away): for a fixed GEMM shape each output row
-  depends only on its input row, bit for bit, where the arithmetic of a batch of 3 and a batch
-  of 16 would differ in the last bits. Attention runs over blocks of `attention_block` keys
-  of every slot, each row's own keys selected by its mask, each block at one shape; as many
-  blocks run as the longest context in the batch needs, and a block past a row's keys adds
-  exactly nothing to it (`_attend`), so a row's attention does not depend on the others either.
+- the decode step runs at one of a few fixed shapes, `step_shapes` (numbers of rows: 1, 2, 4,
+  ... up to `slots`), the smallest that holds the slots in decode; the running requests are kept
+  in the lowest slots (one that sits above a free slot moves down, its cache rows copied), so a
+  lone request's step has 1 row (or 2) and 16 streams' have 16. A shape is used only if a row's
+  logits at that shape are those of the full shape, bit for bit: the scheduler proves it when it
+  starts (`_invariant_shapes`: random rows at every context length, each candidate shape against
+  the full one), because whether a GEMM's row depends on the number of rows M is the kernel's
+  choice, made by shape alone. Measured here (oneDNN, torch 2.13, AMD EPYC with AVX-512 BF16): the
+  packed bf16 matmul gives every row the same bits at every M from 1 to 16, so bf16 steps run at
+  1, 2, 4, 8, 16 rows; the fp32 one sums a single row in another order than 2 to 16 rows, so fp32
+  steps run at 2, 4, 8, 16 (a lone request pays for one thrown-away row). Rows of no decoding job
+  (a request still prefilling, a free slot) compute a row that is thrown away. Attention runs
+  over blocks of `attention_block` keys, each row's own keys selected by its mask, each block
+  at one shape; as many blocks run as the longest context in the batch needs, and a block past
+  a row's keys adds exactly nothing to it (`_attend`), so a row's attention does not depend on
+  the others either.
 - a prefill runs one request alone (batch 1, its own slot's cache), in chunks of
   `prefill_chunk` tokens whose boundaries depend only on the prompt: many requests' prefills are
   never batched together, since their shape would depend on who else arrived.
 - what is written to the cache is written only into the request's own slot.
 tests/test_scheduler.py checks the logits bit for bit: one request alone, and beside others of
-other lengths and settings that join and leave around it, in another slot. The price: a lone
-request computes the rows of all slots, so it decodes slower than `stream` at batch 1 would.
+other lengths and settings that join and leave around it, in another slot and moving down to
+slot 0 as they leave (so at several step shapes), at fp32 and bf16; and every kept step shape
+against the full one on other rows than the probe's.
+
+`tinystories serve` decodes with the weights' dtype that `generate` picks (--dtype auto: bf16 on
+CPUs that multiply it natively): there a step of 16 rows costs ~2.5x less in its matmuls than at
+fp32 and every number of rows is invariant.
+
+Why a few shapes rather than one (measured, `tiny` shape, 2 cores, BENCHMARKS.md): with every
+step over all 16 slots, a lone request ran at 0.41x the speed of the server before batching; one
+step of 16 rows costs about 3x one of 1 row. Shapes that follow the batch exactly (3 rows for 3
+requests) would be as cheap, but only a proof per shape keeps them honest, and powers of two keep
+the probe short while wasting at most half the rows.
 
 Against `tinystories.generate.stream` (a request alone through the library): the same sampling,
 the same sliding window (below), and the same prefill for a prompt of up to `prefill_chunk`
-tokens; the decode steps compute the same sums at batch `slots` instead of batch 1, so a logit
-can differ in its last bit, which moves a sampled token only when the draw lands within that of a
+tokens; the decode steps compute the same sums in another order (blocked attention, at batch 2
+for fp32), so a logit can differ in its last bit, which moves a sampled token only when the draw lands within that of a
 boundary (never seen in the tests, which compare the server's stories with `generate`'s).
 
 Prefill does not stall the running batch for long: each round of the worker fills the first
@@ -337,17 +357,18 @@ class Scheduler:
         S, C, H, D, L = idx.shape[0], config.n_embd, config.n_head, config.head_dim, self.block_size
         # where each active row's new key goes, as rows of the cache layer viewed as (S * n_head * L, head_dim)
         at = lengths[rows] % L  # (A,)
-        rows_heads = (rows[:, None] * H + torch.arange(H, device=idx.device)[None, :]).reshape(-1)  # (A * n_head,)
-        where = rows_heads * L + at.repeat_interleave(H)  # (A * n_head,) in the (S * n_head * L, head_dim) view
+        rows_heads = rows[:, None] * H + torch.arange(H, device=idx.device)  # (A, n_head)
+        where = (rows_heads * L + at[:, None]).reshape(-1)  # (A * n_head,) in the (S * n_head * L, head_dim) view
+        rows_heads = rows_heads.reshape(-1)
         keys = torch.arange(L, device=idx.device)
         seen = keys[None, :] <= lengths[:, None]  # (S, L); a full ring: every key
         seen[:, 0] = True  # a row of no job sees something (no all-masked row, whose attention is NaN)
         dtype = self.cache.k.dtype
-        masks = {None: _additive(seen, dtype)}
+        masks = {None: _additive(seen, H, dtype)}
         for window in set(self.windows) - {None}:  # a local layer: the last `window` keys, itself included
             band = seen & (keys[None, :] > lengths[:, None] - window)
             band[:, 0] |= ~band.any(dim=-1)
-            masks[window] = _additive(band, dtype)
+            masks[window] = _additive(band, H, dtype)
         x = F.embedding(idx, self.wte)  # (S, C)
         if self.wpe is not None:
             x = x + F.embedding(lengths, self.wpe)
@@ -368,15 +389,17 @@ class Scheduler:
                 new_k, new_v = new_k[rows_heads], new_v[rows_heads]
             cache_k.view(-1, D).index_copy_(0, where, new_k)
             cache_v.view(-1, D).index_copy_(0, where, new_v)
-            y = self._attend(q, cache_k, cache_v, masks[window], n_keys)  # (S, n_head, 1, head_dim)
-            x = x + _linear(c_proj, y.reshape(S, C))  # (S, n_head, 1, head_dim) -> (S, C)
+            y = self._attend(q.reshape(S * H, 1, D), cache_k.view(S * H, L, D), cache_v.view(S * H, L, D),
+                             masks[window], n_keys)  # (S * n_head, 1, head_dim)
+            x = x + _linear(c_proj, y.reshape(S, C))  # (S * n_head, 1, head_dim) -> (S, C)
             h = ln_2(x)
             x = x + (mlp.c_proj.matmul(mlp.hidden(h)).to(x.dtype) if isinstance(mlp, PackedMLP) else mlp(h))
         return _linear(self.lm_head, self.ln_f(x)).float()  # (S, V)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, n_keys: int) -> Tensor:
-        """Attention of each row's scaled query q (S, n_head, 1, head_dim) over its slot's keys and
-        values k, v (S, n_head, L, head_dim), `mask` (S, 1, 1, L) added to the scores (-inf: not seen).
+        """Attention of each row and head's scaled query q (S * n_head, 1, head_dim) over its slot's
+        keys and values k, v (S * n_head, L, head_dim), `mask` (S * n_head, 1, L) added to the scores
+        (-inf: not seen); 3-d for bmm and baddbmm, which take the mask into the matmul.
 
         Over blocks of `attention_block` keys, only as many as hold the first n_keys keys: the
         cost follows the longest context in the batch, not block_size. Yet a row's result does not
@@ -388,9 +411,9 @@ class Scheduler:
         and took ~1 ms a layer here anyway.
         """
         B = self.attention_block
-        spans = [(a, min(a + B, k.shape[2])) for a in range(0, n_keys, B)]
-        scores = [q @ k[:, :, a:b].transpose(-1, -2) + mask[..., a:b] for a, b in spans]  # (S, n_head, 1, keys)
-        # each row's maximum score (S, n_head, 1, 1): finite, as every row sees a key (_step's masks)
+        spans = [(a, min(a + B, k.shape[1])) for a in range(0, n_keys, B)]
+        scores = [torch.baddbmm(mask[..., a:b], q, k[:, a:b].transpose(1, 2)) for a, b in spans]  # (S*H, 1, keys)
+        # each row's maximum score (S * n_head, 1, 1): finite, as every row sees a key (_step's masks)
         m = scores[0].amax(dim=-1, keepdim=True)
         for block in scores[1:]:
             m = torch.maximum(m, block.amax(dim=-1, keepdim=True))
@@ -398,7 +421,7 @@ class Scheduler:
         for (a, b), block in zip(spans, scores):
             p = (block - m).exp()
             l = p.sum(dim=-1, keepdim=True) if l is None else l + p.sum(dim=-1, keepdim=True)  # noqa: E741
-            o = p @ v[:, :, a:b] if o is None else o + p @ v[:, :, a:b]
+            o = torch.bmm(p, v[:, a:b]) if o is None else o + torch.bmm(p, v[:, a:b])
         return o / l
 
     def _sample(self, job: Job, logits: Tensor) -> None:
@@ -426,7 +449,9 @@ def _linear(linear: nn.Module, x: Tensor) -> Tensor:
     return linear.matmul(x).to(x.dtype) if isinstance(linear, PackedLinear) else linear(x)
 
 
-def _additive(seen: Tensor, dtype: torch.dtype) -> Tensor:
-    """A key mask (S, L) as the scores' addend (S, 1, 1, L): 0 where seen, -inf elsewhere."""
-    return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill(~seen, float("-inf"))[:, None, None]
+def _additive(seen: Tensor, n_head: int, dtype: torch.dtype) -> Tensor:
+    """A key mask (S, L) as the scores' addend for every head (S * n_head, 1, L): 0 where seen,
+    -inf elsewhere."""
+    S, L = seen.shape
+    return torch.where(seen, 0.0, float("-inf")).to(dtype)[:, None].expand(S, n_head, L).reshape(S * n_head, 1, L)
 
