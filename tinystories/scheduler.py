@@ -45,16 +45,17 @@ CPUs that multiply it natively): there a step of 16 rows costs ~2.5x less in its
 fp32 and every number of rows is invariant.
 
 Why a few shapes rather than one (measured, `tiny` shape, 2 cores, BENCHMARKS.md): with every
-step over all 16 slots, a lone request ran at 0.41x the speed of the server before batching; one
-step of 16 rows costs about 3x one of 1 row. Shapes that follow the batch exactly (3 rows for 3
+step over all 16 slots, a lone request ran at 0.41x the speed of the server before batching; a
+step of 16 rows costs ~2.9x one of 1 row at bf16, ~1.9x one of 2 rows at fp32. Shapes that follow the batch exactly (3 rows for 3
 requests) would be as cheap, but only a proof per shape keeps them honest, and powers of two keep
 the probe short while wasting at most half the rows.
 
 Against `tinystories.generate.stream` (a request alone through the library): the same sampling,
 the same sliding window (below), and the same prefill for a prompt of up to `prefill_chunk`
-tokens; the decode steps compute the same sums in another order (blocked attention, at batch 2
-for fp32), so a logit can differ in its last bit, which moves a sampled token only when the draw lands within that of a
-boundary (never seen in the tests, which compare the server's stories with `generate`'s).
+tokens; the decode steps compute the same sums in another order (blocked attention; 2 rows at
+fp32), so a logit can differ in its last bit, which moves a sampled token only when the draw
+lands within that of a boundary (never seen in the tests, which compare the server's stories
+with `generate`'s).
 
 Prefill does not stall the running batch for long: each round of the worker fills the first
 chunk of every request that just took a slot (a short prompt is then done: its first token comes
