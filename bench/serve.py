@@ -65,13 +65,14 @@ def openings(n: int) -> list[str]:
 class Server:
     """`tinystories serve` run from `repo`, in a subprocess with its output in a log file."""
 
-    def __init__(self, name: str, repo: Path, checkpoint: Path, log: Path, cap: int, concurrency: int | None):
+    def __init__(self, name: str, repo: Path, checkpoint: Path, log: Path, cap: int, concurrency: int | None,
+                 dtype: str | None = None):
         self.name, self.log = name, log
         where = subprocess.run([sys.executable, "-c", "import tinystories; print(tinystories.__file__)"],
                                cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
         if not Path(where).resolve().is_relative_to(Path(repo).resolve()):
             raise SystemExit(f"{name}: python run in {repo} imports tinystories from {where}, not from {repo}")
-        flags = ["--concurrency", str(concurrency)] if concurrency else []
+        flags = (["--concurrency", str(concurrency)] if concurrency else []) + (["--dtype", dtype] if dtype else [])
         with open(log, "w") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "tinystories", "serve", "--checkpoint", str(checkpoint), "--port", "0",
@@ -168,6 +169,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=100, help="tokens each stream asks for")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per side, alternating between the sides")
     ap.add_argument("--concurrency", type=int, default=None, help="the servers' --concurrency (default: theirs)")
+    ap.add_argument("--dtype", default=None, choices=["auto", "bf16", "fp32"],
+                    help="our server's --dtype (default: its own, auto); the baseline's server before batching "
+                         "has no such flag and decodes in the checkpoint's fp32")
     ap.add_argument("--timeout", type=float, default=300, help="seconds a request may take")
     args = ap.parse_args(argv)
 
@@ -181,7 +185,8 @@ def main(argv=None) -> int:
         servers = []
         try:
             for name, repo in sides:
-                servers.append(Server(name, repo, checkpoint, tmp / f"{name}.log", args.max_tokens, args.concurrency))
+                servers.append(Server(name, repo, checkpoint, tmp / f"{name}.log", args.max_tokens, args.concurrency,
+                                      args.dtype if name == "ours" else None))
             prompts = openings(args.streams)
             for server in servers:  # warm up: the first request of a process pays for lazy setup
                 one_round(server.port, prompts[:2], 8, seed=0, timeout=args.timeout)

@@ -123,7 +123,10 @@ def test_logits_do_not_depend_on_what_else_runs(shape, scheduler_for):
     first = [run(scheduler, dict(prompt_ids=prompt(20, 5), max_tokens=60, temperature=0.0)),
              run(scheduler, dict(prompt_ids=prompt(2, 6), max_tokens=8, temperature=1.5, top_k=3, seed=1))]
     first[0][1].get(timeout=60)  # the batch is running
-    job, out = run(scheduler, target, record=True)
+    slots: list[int] = []  # the target's slot at each token (it moves down as others leave)
+    out = queue.Queue()
+    job = Job(deliver=lambda item: (slots.append(job.slot), out.put(item)), record_logits=True, **target)
+    scheduler.submit(job)
     # more while it runs: a long prompt filled in chunks beside it, and one that leaves early
     late = run(scheduler, dict(prompt_ids=prompt(40, 7), max_tokens=30, temperature=0.7, seed=2))
     quitter, quitter_out = run(scheduler, dict(prompt_ids=prompt(5, 8), max_tokens=60, seed=3))
@@ -133,11 +136,57 @@ def test_logits_do_not_depend_on_what_else_runs(shape, scheduler_for):
     for _, other in [*first, late]:
         tokens_of(other)
 
-    assert job.slot != 0, "the target should not have had the first slot both times"
+    assert slots[0] != 0, "the target should not have had the first slot both times"
     assert tokens == lone_tokens
     assert len(job.logits) == len(lone_logits) == len(tokens)
     for step, (got, expected) in enumerate(zip(job.logits, lone_logits)):
         assert torch.equal(got, expected), f"{shape}: step {step} differs by {(got - expected).abs().max():.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_every_step_shape_gives_a_row_the_logits_of_the_full_shape(dtype, scheduler_for):
+    """The shapes the probe kept, checked on other rows: a row's logits bit for bit those of the
+    step over all slots, at every context length up to block_size."""
+    model = tiny_model("llama", block_size=32)
+    scheduler = scheduler_for(model, slots=8, dtype=dtype)
+    assert scheduler.step_shapes[-1] == 8 and scheduler.step_shapes == sorted(scheduler.step_shapes)
+    gen = torch.Generator().manual_seed(1)
+    idx, lengths = torch.randint(0, VOCAB, (8,), generator=gen), torch.randint(0, 32, (8,), generator=gen)
+    none = torch.zeros(0, dtype=torch.long)
+    with torch.inference_mode():
+        for t in (scheduler.cache.k, scheduler.cache.v):
+            t.copy_(torch.randn(t.shape, generator=gen))
+        full = scheduler._step(idx, lengths, none, 32)
+        for n in scheduler.step_shapes:
+            assert torch.equal(scheduler._step(idx[:n], lengths[:n], none, 32), full[:n]), f"{dtype}: shape {n}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_job_that_changes_slot_and_step_shape_keeps_its_logits(dtype, scheduler_for):
+    """Alone, a job decodes at the smallest step shape; behind five others that leave one by one
+    it starts at the full shape in slot 5 and moves down as they go. The same logits either way."""
+    model = tiny_model("llama")
+    target = dict(prompt_ids=prompt(7, 4), max_tokens=40, temperature=1.0, seed=9)
+    scheduler = scheduler_for(model, slots=8, dtype=dtype)
+    assert len(scheduler.step_shapes) > 1, "nothing to check: only the full shape is invariant here"
+    job, out = run(scheduler, target, record=True)
+    lone_tokens, _ = tokens_of(out)
+    lone_logits = job.logits
+
+    scheduler = scheduler_for(model, slots=8, dtype=dtype)
+    others = [run(scheduler, dict(prompt_ids=prompt(3 + i, i), max_tokens=4 + 6 * i, seed=i)) for i in range(5)]
+    slots: list[int] = []
+    out: queue.Queue = queue.Queue()
+    job = Job(deliver=lambda item: (slots.append(job.slot), out.put(item)), record_logits=True, **target)
+    scheduler.submit(job)
+    tokens, _ = tokens_of(out)
+    for _, other in others:
+        tokens_of(other)
+
+    assert slots[0] == 5 and slots[-1] == 0, f"the job should have moved from slot 5 to slot 0: {slots}"
+    assert tokens == lone_tokens
+    for step, (got, expected) in enumerate(zip(job.logits, lone_logits, strict=True)):
+        assert torch.equal(got, expected), f"{dtype}: step {step} differs by {(got - expected).abs().max():.3g}"
 
 
 def test_jobs_past_the_slots_wait_and_a_cancelled_one_frees_its_slot(scheduler_for):

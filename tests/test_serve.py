@@ -23,6 +23,7 @@ import torch
 
 from tinystories.checkpoint import load_checkpoint, save_checkpoint
 from tinystories.config import ModelConfig
+from tinystories.decoding import decode_dtype
 from tinystories.generate import generate
 from tinystories.model import GPT
 from tinystories.serve import ApiError, parse_completion_request
@@ -143,7 +144,8 @@ def local_text(local, prompt, max_tokens, seed, temperature=1.0, top_p=None, top
         with torch.inference_mode():
             (tokens,) = generate(local.model, [tok.encode(prompt)], max_tokens, temperature=temperature,
                                  top_p=top_p, top_k=top_k, eot_id=tok.eot_id,
-                                 generator=torch.Generator().manual_seed(seed))
+                                 generator=torch.Generator().manual_seed(seed),
+                                 dtype=decode_dtype(torch.device("cpu"), "auto"))  # the server's (--dtype auto)
     finally:
         torch.set_num_threads(threads)
     ended = bool(tokens) and tokens[-1] == tok.eot_id

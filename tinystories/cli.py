@@ -331,11 +331,12 @@ def _add_serve(sub) -> None:
                    help="largest max_tokens a request may ask for; larger requests get a 400 error")
     p.add_argument("--concurrency", type=_positive_int, default=16,
                    help="requests decoded together in one batch (the KV cache's slots); more wait their turn. "
-                        "Every decode step computes all slots (so a request's text never depends on the others), "
-                        "so fewer slots make a lone request faster and many streams slower")
+                        "A decode step computes 1, 2, 4, ... rows, the fewest that hold the requests decoding, "
+                        "at shapes proven to give a row the same logits (so a request's text never depends on the "
+                        "others)")
     p.add_argument("--model-name", default=None,
                    help="the model id the API reports (default: the run or checkpoint folder name)")
-    _add_decode_dtype(p, "fp32")
+    _add_decode_dtype(p, "auto")  # as `generate`; int8 gives up batch invariance (its rows share an input scale)
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     p.set_defaults(run="tinystories.serve:run")
 

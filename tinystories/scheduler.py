@@ -15,26 +15,47 @@ max_tokens, or when cancelled. Requests join and leave between steps.
 Batch invariance: a request's text never depends on what else runs. Each request samples with
 its own torch.Generator and settings from its own row of logits (`sample_next` on that row
 alone, as `stream` does at batch 1). The row's logits depend on nothing but the row:
-- the decode step always runs at the same shape, every slot (free ones and ones still
-  prefilling compute a row that is thrown away): for a fixed GEMM shape each output row
-  depends only on its input row, bit for bit, where the arithmetic of a batch of 3 and a batch
-  of 16 would differ in the last bits. Attention runs over blocks of `attention_block` keys
-  of every slot, each row's own keys selected by its mask, each block at one shape; as many
-  blocks run as the longest context in the batch needs, and a block past a row's keys adds
-  exactly nothing to it (`_attend`), so a row's attention does not depend on the others either.
+- the decode step runs at one of a few fixed shapes, `step_shapes` (numbers of rows: 1, 2, 4,
+  ... up to `slots`), the smallest that holds the slots in decode; the running requests are kept
+  in the lowest slots (one that sits above a free slot moves down, its cache rows copied), so a
+  lone request's step has 1 row (or 2) and 16 streams' have 16. A shape is used only if a row's
+  logits at that shape are those of the full shape, bit for bit: the scheduler proves it when it
+  starts (`_invariant_shapes`: random rows at every context length, each candidate shape against
+  the full one), because whether a GEMM's row depends on the number of rows M is the kernel's
+  choice, made by shape alone. Measured here (oneDNN, torch 2.13, AMD EPYC with AVX-512 BF16): the
+  packed bf16 matmul gives every row the same bits at every M from 1 to 16, so bf16 steps run at
+  1, 2, 4, 8, 16 rows; the fp32 one sums a single row in another order than 2 to 16 rows, so fp32
+  steps run at 2, 4, 8, 16 (a lone request pays for one thrown-away row). Rows of no decoding job
+  (a request still prefilling, a free slot) compute a row that is thrown away. Attention runs
+  over blocks of `attention_block` keys, each row's own keys selected by its mask, each block
+  at one shape; as many blocks run as the longest context in the batch needs, and a block past
+  a row's keys adds exactly nothing to it (`_attend`), so a row's attention does not depend on
+  the others either.
 - a prefill runs one request alone (batch 1, its own slot's cache), in chunks of
   `prefill_chunk` tokens whose boundaries depend only on the prompt: many requests' prefills are
   never batched together, since their shape would depend on who else arrived.
 - what is written to the cache is written only into the request's own slot.
 tests/test_scheduler.py checks the logits bit for bit: one request alone, and beside others of
-other lengths and settings that join and leave around it, in another slot. The price: a lone
-request computes the rows of all slots, so it decodes slower than `stream` at batch 1 would.
+other lengths and settings that join and leave around it, in another slot and moving down to
+slot 0 as they leave (so at several step shapes), at fp32 and bf16; and every kept step shape
+against the full one on other rows than the probe's.
+
+`tinystories serve` decodes with the weights' dtype that `generate` picks (--dtype auto: bf16 on
+CPUs that multiply it natively): there a step of 16 rows costs ~2.5x less in its matmuls than at
+fp32 and every number of rows is invariant.
+
+Why a few shapes rather than one (measured, `tiny` shape, 2 cores, BENCHMARKS.md): with every
+step over all 16 slots, a lone request ran at 0.41x the speed of the server before batching; a
+step of 16 rows costs ~2.9x one of 1 row at bf16, ~1.9x one of 2 rows at fp32. Shapes that follow the batch exactly (3 rows for 3
+requests) would be as cheap, but only a proof per shape keeps them honest, and powers of two keep
+the probe short while wasting at most half the rows.
 
 Against `tinystories.generate.stream` (a request alone through the library): the same sampling,
 the same sliding window (below), and the same prefill for a prompt of up to `prefill_chunk`
-tokens; the decode steps compute the same sums at batch `slots` instead of batch 1, so a logit
-can differ in its last bit, which moves a sampled token only when the draw lands within that of a
-boundary (never seen in the tests, which compare the server's stories with `generate`'s).
+tokens; the decode steps compute the same sums in another order (blocked attention; 2 rows at
+fp32), so a logit can differ in its last bit, which moves a sampled token only when the draw
+lands within that of a boundary (never seen in the tests, which compare the server's stories
+with `generate`'s).
 
 Prefill does not stall the running batch for long: each round of the worker fills the first
 chunk of every request that just took a slot (a short prompt is then done: its first token comes
@@ -61,9 +82,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
-from tinystories.decoding import decoding_copy
+from tinystories.decoding import PackedLinear, PackedMLP, decoding_copy
 from tinystories.generate import sample_next, window_start
 from tinystories.model import KVCache, rope_angles, rotate
 
@@ -116,7 +139,7 @@ class Scheduler:
 
     def __init__(self, model, slots: int, eot_id: int, prefill_chunk: int = PREFILL_CHUNK,
                  window_keep: int | None = None, dtype: torch.dtype | None = None,
-                 attention_block: int = ATTENTION_BLOCK):
+                 attention_block: int = ATTENTION_BLOCK, step_shapes: tuple[int, ...] | None = None):
         config = model.config
         if min(slots, prefill_chunk, attention_block) < 1:
             raise ValueError(f"slots, prefill_chunk and attention_block must be >= 1, got {slots}, {prefill_chunk} "
@@ -136,11 +159,20 @@ class Scheduler:
             self.cache = self.model.new_kv_cache(batch_size=slots, max_len=config.block_size)
         # per layer: how many keys back it sees (None: all); GPT-Neo's local layers see window_size
         self.windows = [config.window_size if config.is_local(i) else None for i in range(config.n_layer)]
+        # the copy's parts as the step uses them, per layer: its modules, attention scale and window
+        transformer = self.model.transformer
+        self.wte, self.ln_f, self.lm_head = transformer.wte.weight, transformer.ln_f, self.model.lm_head
+        self.wpe = transformer.wpe.weight if "wpe" in transformer else None  # None: RoPE
+        self.layers = [(b.ln_1, b.attn.c_attn, getattr(b.attn, "q_norm", None), getattr(b.attn, "k_norm", None),
+                        b.attn.c_proj, b.attn.scale if b.attn.scale is not None else config.head_dim**-0.5,
+                        b.ln_2, b.mlp, window) for b, window in zip(transformer.h, self.windows)]
         self.running: list[Job] = []  # in slots; filling or decoding
         self.free = list(range(slots - 1, -1, -1))  # slot numbers, the lowest taken first
         self.waiting: collections.deque[Job] = collections.deque()
         self.lock = threading.Condition()
         self.stopping = False
+        with torch.inference_mode():
+            self.step_shapes = self._invariant_shapes(step_shapes)
         self.thread = threading.Thread(target=self._work, name="tinystories-scheduler", daemon=True)
         self.thread.start()
 
@@ -207,9 +239,26 @@ class Scheduler:
                     if not job.cancelled.is_set():
                         job.slot = self.free.pop()
                         self.running.append(job)
+                self._compact()
                 if self.running:
                     return True
                 self.lock.wait()
+
+    def _compact(self) -> None:
+        """Keep the running jobs in the lowest slots, 0 .. len(running) - 1, so that a decode step
+        can run at the smallest shape that holds them: a job in a higher slot moves (its cache
+        rows are copied) into the lowest free one."""
+        n = len(self.running)
+        for job in sorted(self.running, key=lambda job: -job.slot):
+            if job.slot < n or self.free[-1] >= n:
+                break
+            to = self.free.pop()
+            kept = min(job.filled, self.block_size)  # the keys and values it has
+            for t in (self.cache.k, self.cache.v):  # (n_layer, slots, n_head, L, head_dim)
+                t[:, to, :, :kept] = t[:, job.slot, :, :kept]
+            self.free.append(job.slot)
+            self.free.sort(reverse=True)
+            job.slot = to
 
     def _leave(self, jobs: list[Job]) -> None:
         for job in jobs:
@@ -255,11 +304,15 @@ class Scheduler:
         return j - i
 
     def _decode(self) -> None:
-        """One step for every job in its decode phase, at the fixed shape of all slots."""
-        jobs = [job for job in self.running if not job.cancelled.is_set() and not self._filling(job)]
+        """One step for every job in its decode phase, at the smallest of `step_shapes` that holds
+        their slots (they are the lowest ones: `_compact`)."""
+        jobs = sorted((job for job in self.running if not job.cancelled.is_set() and not self._filling(job)),
+                      key=lambda job: job.slot)
         if not jobs:
             return
-        idx, lengths = [0] * self.slots, [0] * self.slots  # free slots: token 0 at position 0, thrown away
+        highest = max(job.slot for job in jobs)
+        S = next(shape for shape in self.step_shapes if shape > highest)
+        idx, lengths = [0] * S, [0] * S  # rows of no decoding job: token 0 at position 0, thrown away
         for job in jobs:
             idx[job.slot], lengths[job.slot] = job.context[-1], job.filled  # filled: tokens before this one
         n_keys = max(min(job.filled + 1, self.block_size) for job in jobs)  # the longest context in the batch
@@ -269,77 +322,108 @@ class Scheduler:
             job.filled += 1
             self._sample(job, logits[job.slot])
 
+    def _invariant_shapes(self, candidates: tuple[int, ...] | None) -> list[int]:
+        """The step shapes (numbers of rows, ascending, `slots` last) at which a row's logits are
+        those of the full shape, bit for bit, on this machine: `candidates` (default 1, 2, 4, ...
+        below `slots`) that pass a probe. Whether a matmul's row depends on how many rows it has is
+        the kernel's choice, made by shape alone (oneDNN's fp32 kernel for one row sums in another
+        order than for 2 to 16 rows; its bf16 kernel does not), so equal logits on random rows at
+        every position and context length mean equal logits for any rows at that shape."""
+        if candidates is None:
+            candidates = tuple(2**i for i in range(self.slots.bit_length()))
+        gen = torch.Generator().manual_seed(0)
+        S, L, V = self.slots, self.block_size, self.model.config.vocab_size
+        for t in (self.cache.k, self.cache.v):
+            t.copy_(torch.randn(t.shape, generator=gen))  # keys and values to attend to (cleared below)
+        idx = torch.randint(0, V, (S,), generator=gen).to(self.device)
+        lengths = torch.randint(0, L, (S,), generator=gen).to(self.device)
+        lengths[0] = L - 1  # every key block runs
+        none = torch.zeros(0, dtype=torch.long, device=self.device)  # no row writes the cache
+        full = self._step(idx, lengths, none, L)
+        shapes = [n for n in sorted(set(candidates)) if 1 <= n < S
+                  and torch.equal(self._step(idx[:n], lengths[:n], none, L), full[:n])]
+        self.cache.k.zero_()
+        self.cache.v.zero_()
+        return [*shapes, S]
+
     def _step(self, idx: Tensor, lengths: Tensor, rows: Tensor, n_keys: int) -> Tensor:
-        """Logits (slots, V) after each slot's token idx (slots,) at position lengths (slots,); only
-        `rows` write their keys and values (at index length, or length % block_size in a ring), and
-        no row of `rows` sees more than the first n_keys keys of its slot.
+        """Logits (S, V) after the token idx (S,) of each of the first S slots at position lengths
+        (S,); only `rows` write their keys and values (at index length, or length % block_size in
+        a ring), and no row of `rows` sees more than the first n_keys keys of its slot.
 
         The model's forward pass for one new token per row, written out so that each row has its
-        own cache length (the KVCache of model.py has one length for the whole batch).
+        own cache length (the KVCache of model.py has one length for the whole batch), and flat as
+        `DecodeStep` is (PackedLinear's matmul where the copy is packed: no module tree per op).
         """
-        model, config = self.model, self.model.config
-        S, C, H, D, L = self.slots, config.n_embd, config.n_head, config.head_dim, self.block_size
+        config = self.model.config
+        S, C, H, D, L = idx.shape[0], config.n_embd, config.n_head, config.head_dim, self.block_size
         # where each active row's new key goes, as rows of the cache layer viewed as (S * n_head * L, head_dim)
         at = lengths[rows] % L  # (A,)
-        rows_heads = (rows[:, None] * H + torch.arange(H, device=idx.device)[None, :]).reshape(-1)  # (A * n_head,)
-        where = rows_heads * L + at.repeat_interleave(H)  # (A * n_head,) in the (S * n_head * L, head_dim) view
+        rows_heads = rows[:, None] * H + torch.arange(H, device=idx.device)  # (A, n_head)
+        where = (rows_heads * L + at[:, None]).reshape(-1)  # (A * n_head,) in the (S * n_head * L, head_dim) view
+        rows_heads = rows_heads.reshape(-1)
         keys = torch.arange(L, device=idx.device)
         seen = keys[None, :] <= lengths[:, None]  # (S, L); a full ring: every key
-        seen[:, 0] = True  # a free slot's row sees something (no all-masked row, whose attention is NaN)
+        seen[:, 0] = True  # a row of no job sees something (no all-masked row, whose attention is NaN)
         dtype = self.cache.k.dtype
-        masks = {None: _additive(seen, dtype)}
+        masks = {None: _additive(seen, H, dtype)}
         for window in set(self.windows) - {None}:  # a local layer: the last `window` keys, itself included
             band = seen & (keys[None, :] > lengths[:, None] - window)
             band[:, 0] |= ~band.any(dim=-1)
-            masks[window] = _additive(band, dtype)
-        x = model.transformer.wte(idx)  # (S, C)
-        if "wpe" in model.transformer:
-            x = x + model.transformer.wpe(lengths)
+            masks[window] = _additive(band, H, dtype)
+        x = F.embedding(idx, self.wte)  # (S, C)
+        if self.wpe is not None:
+            x = x + F.embedding(lengths, self.wpe)
         else:
             rope = rope_angles(lengths[:, None], D, config.rope_theta)  # cos, sin: (S, 1, 1, head_dim)
-        for i, block in enumerate(model.transformer.h):
-            attn = block.attn
-            qkv = attn.c_attn(block.ln_1(x))  # (S, 3C)
-            q, k, v = (t.reshape(S, H, 1, D) for t in qkv.split(C, dim=-1))  # (S, n_head, 1, head_dim)
-            if hasattr(attn, "q_norm"):
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            if "wpe" not in model.transformer:
-                q, k = rotate(q, *rope), rotate(k, *rope)
-            cache_k, cache_v = self.cache.k[i], self.cache.v[i]  # (S, n_head, L, head_dim)
-            cache_k.view(-1, D).index_copy_(0, where, k.reshape(S * H, D)[rows_heads])
-            cache_v.view(-1, D).index_copy_(0, where, v.reshape(S * H, D)[rows_heads])
-            scale = attn.scale if attn.scale is not None else D**-0.5
-            y = self._attend(q, cache_k, cache_v, masks[self.windows[i]], scale, n_keys)  # (S, n_head, 1, head_dim)
-            x = x + attn.c_proj(y.reshape(S, C))  # (S, n_head, 1, head_dim) -> (S, C)
-            x = x + block.mlp(block.ln_2(x))
-        return model.lm_head(model.transformer.ln_f(x)).float()  # (S, V)
+        every_row = rows.shape[0] == S  # rows is then 0 .. S - 1 (_decode sorts it): no gather
+        for i, (ln_1, c_attn, q_norm, k_norm, c_proj, scale, ln_2, mlp, window) in enumerate(self.layers):
+            qkv = _linear(c_attn, ln_1(x))  # (S, 3C)
+            qk, v = qkv[:, : 2 * C].reshape(S, 2 * H, 1, D), qkv[:, 2 * C :].reshape(S, H, 1, D)
+            if q_norm is not None:
+                qk = torch.cat((q_norm(qk[:, :H]), k_norm(qk[:, H:])), dim=1)
+            if self.wpe is None:
+                qk = rotate(qk, *rope)  # queries and keys at once (elementwise: the same as one by one)
+            q, k = qk[:, :H] * scale, qk[:, H:]  # (S, n_head, 1, head_dim); q scaled here, not its scores
+            cache_k, cache_v = self.cache.k[i, :S], self.cache.v[i, :S]  # (S, n_head, L, head_dim)
+            new_k, new_v = k.reshape(S * H, D), v.reshape(S * H, D)
+            if not every_row:
+                new_k, new_v = new_k[rows_heads], new_v[rows_heads]
+            cache_k.view(-1, D).index_copy_(0, where, new_k)
+            cache_v.view(-1, D).index_copy_(0, where, new_v)
+            y = self._attend(q.reshape(S * H, 1, D), cache_k.view(S * H, L, D), cache_v.view(S * H, L, D),
+                             masks[window], n_keys)  # (S * n_head, 1, head_dim)
+            x = x + _linear(c_proj, y.reshape(S, C))  # (S * n_head, 1, head_dim) -> (S, C)
+            h = ln_2(x)
+            x = x + (mlp.c_proj.matmul(mlp.hidden(h)).to(x.dtype) if isinstance(mlp, PackedMLP) else mlp(h))
+        return _linear(self.lm_head, self.ln_f(x)).float()  # (S, V)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, n_keys: int) -> Tensor:
-        """Attention of each row's query q (S, n_head, 1, head_dim) over its slot's keys and values
-        k, v (S, n_head, L, head_dim), `mask` (S, 1, 1, L) added to the scores (-inf: not seen).
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, n_keys: int) -> Tensor:
+        """Attention of each row and head's scaled query q (S * n_head, 1, head_dim) over its slot's
+        keys and values k, v (S * n_head, L, head_dim), `mask` (S * n_head, 1, L) added to the scores
+        (-inf: not seen); 3-d for bmm and baddbmm, which take the mask into the matmul.
 
-        Over blocks of `attention_block` keys, as flash attention does (a running maximum m, sum l
-        and output o per row), only as many blocks as hold the first n_keys keys: the cost follows
-        the longest context in the batch, not block_size. Yet a row's result does not depend on
-        how many blocks run: every block is an operation of one fixed shape, and a block past the
-        row's keys changes nothing, exactly (its scores are -inf, so m stays, the rescale is
-        exp(0) = 1 and what it adds is 0). SDPA's CPU kernel, given a smaller span of keys, sums in
-        another order (tests/test_scheduler.py catches that), and took ~1 ms a layer here anyway.
+        Over blocks of `attention_block` keys, only as many as hold the first n_keys keys: the
+        cost follows the longest context in the batch, not block_size. Yet a row's result does not
+        depend on how many blocks run: each block's scores, sum of probabilities and weighted sum
+        of values are operations of one fixed shape, the blocks' results are added one after the
+        other, and a block past the row's keys adds exactly nothing (its scores are -inf, so its
+        probabilities are 0; the maximum over all blocks' scores does not see it). SDPA's CPU kernel,
+        given a smaller span of keys, sums in another order (tests/test_scheduler.py catches that),
+        and took ~1 ms a layer here anyway.
         """
-        S, H, _, D = q.shape
-        m = torch.full((S, H, 1, 1), float("-inf"), dtype=q.dtype, device=q.device)
-        l = torch.zeros((S, H, 1, 1), dtype=q.dtype, device=q.device)  # noqa: E741 (flash attention's name)
-        o = torch.zeros_like(q)
-        for a in range(0, n_keys, self.attention_block):
-            b = min(a + self.attention_block, k.shape[2])
-            scores = (q @ k[:, :, a:b].transpose(-1, -2)) * scale + mask[..., a:b]  # (S, n_head, 1, keys)
-            m_new = torch.maximum(m, scores.amax(dim=-1, keepdim=True))
-            shift = m_new.nan_to_num(neginf=0.0)  # a row that has seen nothing yet: exp(-inf - 0) = 0
-            p = (scores - shift).exp()
-            rescale = (m - shift).exp()  # exp(0) = 1 once a row's maximum stops growing
-            l = l * rescale + p.sum(dim=-1, keepdim=True)  # noqa: E741
-            o = o * rescale + p @ v[:, :, a:b]
-            m = m_new
+        B = self.attention_block
+        spans = [(a, min(a + B, k.shape[1])) for a in range(0, n_keys, B)]
+        scores = [torch.baddbmm(mask[..., a:b], q, k[:, a:b].transpose(1, 2)) for a, b in spans]  # (S*H, 1, keys)
+        # each row's maximum score (S * n_head, 1, 1): finite, as every row sees a key (_step's masks)
+        m = scores[0].amax(dim=-1, keepdim=True)
+        for block in scores[1:]:
+            m = torch.maximum(m, block.amax(dim=-1, keepdim=True))
+        l = o = None  # noqa: E741 (flash attention's names: the sum of probabilities, the output)
+        for (a, b), block in zip(spans, scores):
+            p = (block - m).exp()
+            l = p.sum(dim=-1, keepdim=True) if l is None else l + p.sum(dim=-1, keepdim=True)  # noqa: E741
+            o = torch.bmm(p, v[:, a:b]) if o is None else o + torch.bmm(p, v[:, a:b])
         return o / l
 
     def _sample(self, job: Job, logits: Tensor) -> None:
@@ -362,7 +446,14 @@ class Scheduler:
                 job.start, job.filled = start, 0
 
 
-def _additive(seen: Tensor, dtype: torch.dtype) -> Tensor:
-    """A key mask (S, L) as the scores' addend (S, 1, 1, L): 0 where seen, -inf elsewhere."""
-    return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill(~seen, float("-inf"))[:, None, None]
+def _linear(linear: nn.Module, x: Tensor) -> Tensor:
+    """A Linear of the decoding copy, packed or not, with an output in x's dtype."""
+    return linear.matmul(x).to(x.dtype) if isinstance(linear, PackedLinear) else linear(x)
+
+
+def _additive(seen: Tensor, n_head: int, dtype: torch.dtype) -> Tensor:
+    """A key mask (S, L) as the scores' addend for every head (S * n_head, 1, L): 0 where seen,
+    -inf elsewhere."""
+    S, L = seen.shape
+    return torch.where(seen, 0.0, float("-inf")).to(dtype)[:, None].expand(S, n_head, L).reshape(S * n_head, 1, L)
 

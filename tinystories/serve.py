@@ -51,15 +51,16 @@ Choices made here:
   come first served), is prefilled into it in chunks between decode steps, then decodes one token
   per step in one forward pass with every other running request, each sampling with its own
   generator and settings, and leaves at end-of-text, at max_tokens or when its client goes away.
-  The decode step always runs at the shape of all slots, so a request's text never depends on
-  what else runs (the same seed and settings give the same text alone or under load, bit for
-  bit; tests/test_scheduler.py), and it is what `generate` writes for the request alone, up to
-  the last bit of a logit (identical in the tests). The event loop only moves text, so the page
-  and /health stay responsive while the model works. Measured with bench/serve.py on 2 very busy
-  CPU cores (BENCHMARKS.md), the `tiny` shape: 16 concurrent 100-token streams 3.4x to 4.5x the
-  tokens/s of the thread-pool server this replaced (2.2x when both run one OpenMP thread), the
-  median time to the first token shorter; a lone stream, which pays for all 16 slots, at 0.4x
-  (fewer slots: faster).
+  The decode step runs at one of a few shapes (1, 2, 4, ... --concurrency rows, the fewest that
+  hold the requests decoding) that the scheduler proves at start to give a row the logits of the
+  full shape bit for bit, so a request's text never depends on what else runs (the same seed and
+  settings give the same text alone or under load; tests/test_scheduler.py), and it is what
+  `generate` writes for the request alone, with the same --dtype, up to the last bit of a logit
+  (identical in the tests). The event loop only moves text, so the page and /health stay
+  responsive while the model works. Measured with bench/serve.py on 2 very busy CPU cores
+  (BENCHMARKS.md), the `tiny` shape: 5.1x to 5.2x the tokens/s of the thread-pool server this
+  replaced at 16 concurrent 100-token streams, the median time to the first token shorter; a
+  lone stream 0.8x (1.05x with one OpenMP thread for both).
 - A client that goes away leaves the batch before the next step.
 - Limits against mistakes: a request body of at most 1 MiB (a larger declared Content-Length is
   refused with a 413 before any of it is read), JSON nested at most 32 deep, a prompt of at most
@@ -402,7 +403,8 @@ class Engine:
     """The model, loaded once, and the scheduler that decodes the requests together
     (tinystories/scheduler.py: one worker thread, one batch, --concurrency slots)."""
 
-    def __init__(self, checkpoint, model_id: str, max_tokens_cap: int, concurrency: int, dtype=None):
+    def __init__(self, checkpoint, model_id: str, max_tokens_cap: int, concurrency: int, dtype: str = "auto"):
+        from tinystories.decoding import decode_dtype
         from tinystories.scheduler import Scheduler
 
         self.model = checkpoint.model
@@ -413,7 +415,9 @@ class Engine:
         self.created = int(Path(checkpoint.path).stat().st_mtime)
         self.device = str(next(self.model.parameters()).device)
         self.model.eval()
-        self.scheduler = Scheduler(self.model, slots=concurrency, eot_id=self.tokenizer.eot_id, dtype=dtype)
+        # the weights' dtype as `tinystories generate` picks it (bf16 where the hardware multiplies it)
+        self.dtype = decode_dtype(next(self.model.parameters()).device, dtype)
+        self.scheduler = Scheduler(self.model, slots=concurrency, eot_id=self.tokenizer.eot_id, dtype=self.dtype)
 
     def encode_prompt(self, prompt: str, param: str = "prompt") -> list[int]:
         """The prompt's token ids (end-of-text for an empty one); ApiError(400) for text that is not
@@ -833,7 +837,6 @@ def run(args) -> int:
     except ImportError:
         raise UserError("tinystories serve needs starlette and uvicorn: pip install 'tinystories[serve]'") from None
     from tinystories.checkpoint import load_checkpoint
-    from tinystories.decoding import decode_dtype
     from tinystories.device import pick_device
 
     if not 0 <= args.port <= 65535:
@@ -843,12 +846,12 @@ def run(args) -> int:
     port = sock.getsockname()[1]
     try:
         device = pick_device(args.device)
-        dtype = decode_dtype(device, getattr(args, "dtype", None) or "fp32")  # --dtype (default fp32)
         ckpt = load_checkpoint(args.checkpoint, device)
     except BaseException:
         sock.close()
         raise
-    engine = Engine(ckpt, args.model_name or model_id_for(ckpt.path), args.max_tokens_cap, args.concurrency, dtype)
+    engine = Engine(ckpt, args.model_name or model_id_for(ckpt.path), args.max_tokens_cap, args.concurrency,
+                    args.dtype)
     app = create_app(engine)
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     n_params = sum(p.numel() for p in engine.model.parameters())
