@@ -242,6 +242,9 @@ def main() -> None:
                    help="full: `tinystories evaluate` of the whole test split; quick: the trainer's last test "
                         "loss on its first 2**18 tokens (bits per byte from the split's bytes per token)")
     p.add_argument("--table-only", action="store_true", help="print the table of what results.jsonl holds, train nothing")
+    p.add_argument("--baseline-from", default=None, metavar="TAG",
+                   help="take the baseline's results from an earlier ablation TAG instead of training it again "
+                        "(same configuration, seeds and steps give the same run: the trainer is deterministic)")
     p.add_argument("--tag", default="", help="name of this ablation in results.jsonl (default: from the settings)")
     args = p.parse_args()
     out = Path(args.out)
@@ -279,6 +282,15 @@ def main() -> None:
         return table(results_file, tag, names)
     done = {(r["tag"], r["name"], r["seed"]) for r in map(json.loads, results_file.read_text().splitlines())} \
         if results_file.exists() else set()
+    if args.baseline_from and args.baseline not in to_run and results_file.exists():
+        earlier = [r for r in map(json.loads, results_file.read_text().splitlines())
+                   if r["tag"] == args.baseline_from and r["name"] == args.baseline and r["seed"] in seeds]
+        if {r["steps"] for r in earlier} != {steps[args.baseline]}:
+            sys.exit(f"recipe: {args.baseline_from} has no {args.baseline} run of {steps[args.baseline]} steps")
+        with open(results_file, "a") as f:
+            for r in earlier:
+                if (tag, args.baseline, r["seed"]) not in done:
+                    f.write(json.dumps(r | {"tag": tag, "reused_from": args.baseline_from}) + "\n")
     for i, seed in enumerate(seeds):
         order = to_run if (i + seeds[0]) % 2 == 0 else to_run[::-1]  # sides take turns going first
         for name in order:
