@@ -74,7 +74,7 @@ CONFIGS: dict[str, tuple[list[str], str]] = {
     "muon+batch32": (MUON + ["--batch-size", "32"], "v2"),
     "muon+bpe-2048": (MUON, "v2-2048"),
     "muon+bpe-8192": (MUON, "v2-8192"),
-    # the new `tiny` (config.py): Muon at 1e-2 with AdamW at 4e-3, the Llama block, every training slice
+    # round 1's new `tiny`: Muon at 1e-2 with AdamW at 4e-3, the Llama block, every training slice
     "new": (MUON + ["--muon-lr", "1e-2"] + LLAMA, "all"),
     # round 2 of the screen, around `new`: head size (the CPU's attention kernel is ~2x faster per
     # FLOP at head_dim 64 than at 32), tokens per step, schedule, width, learning rates
@@ -83,6 +83,7 @@ CONFIGS: dict[str, tuple[list[str], str]] = {
     "new+3heads+batch8": (MUON + ["--muon-lr", "1e-2"] + LLAMA + ["--n-head", "3", "--batch-size", "8"], "all"),
     "new+3heads+wsd": (MUON + ["--muon-lr", "1e-2"] + LLAMA + ["--n-head", "3", "--schedule", "wsd"], "all"),
     "new+4x256": (MUON + ["--muon-lr", "1e-2"] + LLAMA + ["--n-embd", "256", "--n-head", "4"], "all"),
+    # `tiny` since round 2 (config.py)
     "new+4x128": (MUON + ["--muon-lr", "1e-2"] + LLAMA + ["--n-embd", "128", "--n-head", "2"], "all"),
     "new+3heads+muon1.5e-2": (MUON + ["--muon-lr", "1.5e-2"] + LLAMA + ["--n-head", "3"], "all"),
     "new+3heads+adam8e-3": (MUON + ["--muon-lr", "1e-2", "--learning-rate", "8e-3", "--min-lr", "8e-4"] + LLAMA
@@ -253,9 +254,9 @@ def main() -> None:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         sys.exit(f"recipe: unknown configuration(s) {unknown}; see --help")
-    to_run = list(names)  # the baseline too only when asked for: parallel processes can share its run
     if args.baseline not in names:
         names.insert(0, args.baseline)
+    to_run = [n for n in names if not (args.baseline_from and n == args.baseline)]
     seeds = [int(s) for s in args.seeds.split(",")]
     tag = args.tag or f"{args.equal}-{args.steps}"
     print(f"# recipe ablation {tag}", flush=True)
@@ -282,11 +283,13 @@ def main() -> None:
         return table(results_file, tag, names)
     done = {(r["tag"], r["name"], r["seed"]) for r in map(json.loads, results_file.read_text().splitlines())} \
         if results_file.exists() else set()
-    if args.baseline_from and args.baseline not in to_run and results_file.exists():
-        earlier = [r for r in map(json.loads, results_file.read_text().splitlines())
-                   if r["tag"] == args.baseline_from and r["name"] == args.baseline and r["seed"] in seeds]
-        if {r["steps"] for r in earlier} != {steps[args.baseline]}:
-            sys.exit(f"recipe: {args.baseline_from} has no {args.baseline} run of {steps[args.baseline]} steps")
+    if args.baseline_from:  # every seed's run of the same steps, scored the same way, or nothing
+        rows = map(json.loads, results_file.read_text().splitlines()) if results_file.exists() else []
+        earlier = [r for r in rows if r["tag"] == args.baseline_from and r["name"] == args.baseline and r["seed"] in seeds]
+        if ({r["seed"] for r in earlier} != set(seeds) or {r["steps"] for r in earlier} != {steps[args.baseline]}
+                or any(r.get("eval", args.eval) != args.eval for r in earlier)):  # rows before 2026-12-02 lack "eval"
+            sys.exit(f"recipe: {args.baseline_from} lacks {args.baseline} runs of {steps[args.baseline]} steps, "
+                     f"--eval {args.eval}, for every seed of {seeds}")
         with open(results_file, "a") as f:
             for r in earlier:
                 if (tag, args.baseline, r["seed"]) not in done:
@@ -318,7 +321,7 @@ def main() -> None:
             row = {"tag": tag, "name": name, "seed": seed, "steps": n, "tokens": n * tokens_per_step(name),
                    "test_loss": e["loss"], "test_bpb": e["bits_per_byte"], "train_loss": rec["loss"],
                    "val_loss": rec.get("val_loss"), "train_s": round(train_s, 1),
-                   "probe_tokens_per_s": speeds and speeds[name], "data": ds, "flags": flags,
+                   "probe_tokens_per_s": speeds and speeds[name], "data": ds, "flags": flags, "eval": args.eval,
                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
             with open(results_file, "a") as f:
                 f.write(json.dumps(row) + "\n")
