@@ -183,9 +183,9 @@ def test_prefill_logits_are_each_rows_full_forward_at_its_last_token(chunked, mo
         got = _CachedDecoder(model, len(prompts), 32).prefill(prompts)
         for row, prompt in enumerate(prompts):
             expected, _ = model(torch.tensor([prompt]))
-            # in one pass within 1e-6; in chunks attention sums its keys in another order
-            tolerance = 1e-5 if chunked else 1e-6
-            assert torch.allclose(got[row], expected[0, -1], atol=tolerance, rtol=tolerance)
+            # a padded batch (and, in chunks, attention over its keys in another order) sums in
+            # another order than one prompt alone: equal within fp32 rounding, at any thread count
+            assert torch.allclose(got[row], expected[0, -1], atol=1e-5, rtol=1e-5)
 
 
 def test_window_start_rule():
