@@ -214,8 +214,13 @@ def _is_number(value) -> bool:
 def _show(value, limit: int = 60) -> str:
     """A client's value for an error message: repr (ASCII-safe for lone surrogates, which the UTF-8
     response could not carry), cut to `limit` characters (a value can be up to 1 MiB long)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return _cut(repr(value), limit)
+
+
+def _cut(key: str, limit: int = 60) -> str:
+    """A client's JSON key for an error message and its `param`, cut to `limit` characters (a key is
+    any string, up to 1 MiB long)."""
+    return key if len(key) <= limit else key[: limit - 3] + "..."
 
 
 def json_depth(value) -> int:
@@ -252,7 +257,7 @@ def check_fields(body, known: set[str], neutral: dict) -> None:
         raise ApiError(400, "the request body must be a JSON object")
     unknown = sorted(set(body) - known)
     if unknown:
-        name = unknown[0] if len(unknown[0]) <= 60 else unknown[0][:57] + "..."  # a key is any string
+        name = _cut(unknown[0])
         raise ApiError(400, f"unrecognized request argument: {name} (supported: {', '.join(sorted(known))})", name)
     for name, values in neutral.items():
         if name in body and body[name] not in values:
@@ -344,7 +349,7 @@ def message_text(message, index: int) -> str:
         raise ApiError(400, f"{param} must be an object with a role and a content", param)
     unknown = sorted(set(message) - MESSAGE_FIELDS)
     if unknown:
-        name = unknown[0] if len(unknown[0]) <= 60 else unknown[0][:57] + "..."
+        name = _cut(unknown[0])
         raise ApiError(400, f"{param} has a field this server does not take: {name} (a message may hold "
                             f"{', '.join(sorted(MESSAGE_FIELDS))})", f"{param}.{name}")
     role = message.get("role")
