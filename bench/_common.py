@@ -21,6 +21,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
 
+def stories(path: Path) -> list[str]:
+    """The stories of an official-format .txt (each followed by an <|endoftext|> line), stripped, the
+    empty ones dropped. A plain split, not tinystories.evaluate.text_stories: that one also repairs
+    mojibake as prepare does, which would change the prompts of earlier benchmark runs."""
+    text = Path(path).read_text(encoding="utf-8")
+    return [s.strip() for s in text.split("<|endoftext|>") if s.strip()]
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

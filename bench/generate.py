@@ -29,8 +29,9 @@ its own process (bench/_common.py), timed in turn, round after round:
 Printed: tokens/s per side (median over rounds), and the ratios (medians of per-round ratios) of
 our batch 1, int8 and prefill against transformers and llama.cpp, batch 16 against batch 1, and
 the machine and its load. The benchmark runs a given llama-bench; it never builds one. A GGUF of
-this benchmark's random model: `tinystories export` of it, then llama.cpp's convert_hf_to_gguf.py
-(--outtype bf16 or q8_0); BENCHMARKS.md has the commands.
+this benchmark's random model: `tinystories export --format gguf` of it (BENCHMARKS.md's figures
+were measured with files from llama.cpp's convert_hf_to_gguf.py --outtype bf16 / q8_0, run on a
+`tinystories export` folder; BENCHMARKS.md has the commands).
 
 The model is the `33m` preset with random weights (seed 0) unless --checkpoint names a trained one.
 --agreement N (with a trained --checkpoint) writes N greedy stories from real story openings with
@@ -49,7 +50,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED, Worker, interleave, load_average, machine, median, print_machine, serve  # noqa: E402
+from _common import (SHARED, Worker, interleave, load_average, machine, median, print_machine, serve,  # noqa: E402
+                     stories)
 
 SIDES = ["ours-b1", "ours-int8-b1", "ours-b16", "ours-fp32-b1", "ours-prefill", "ours-int8-prefill",
          "transformers-b1", "transformers-b16", "transformers-prefill"]
@@ -77,9 +79,8 @@ def load_model(checkpoint: str | None):
 
 def story_prompt(tokenizer, n_tokens: int) -> list[int]:
     """The first n_tokens tokens of real stories (V2 validation head), joined as prepare joins them."""
-    text = (SHARED / "tinystories" / "TinyStoriesV2-valid.head.txt").read_text(encoding="utf-8")
     ids: list[int] = []
-    for story in (s.strip() for s in text.split("<|endoftext|>")):
+    for story in stories(SHARED / "tinystories" / "TinyStoriesV2-valid.head.txt"):
         ids += tokenizer.encode(story) + [tokenizer.eot_id]
         if len(ids) >= n_tokens:
             return ids[:n_tokens]
@@ -261,9 +262,8 @@ def agreement(args) -> None:
     from tinystories.generate import generate
 
     model, tokenizer = load_model(args.checkpoint)
-    text = (SHARED / "tinystories" / "TinyStoriesV2-valid.head.txt").read_text(encoding="utf-8")
-    stories = [s.strip() for s in text.split("<|endoftext|>") if s.strip()][: args.agreement]
-    prompts = [tokenizer.encode(" ".join(s.split()[:8])) for s in stories]  # the first eight words
+    openings = stories(SHARED / "tinystories" / "TinyStoriesV2-valid.head.txt")[: args.agreement]
+    prompts = [tokenizer.encode(" ".join(s.split()[:8])) for s in openings]  # the first eight words
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
     written = {name: generate(model, prompts, args.new_tokens, temperature=0.0, dtype=dt)
                for name, dt in dtypes.items()}
@@ -278,7 +278,7 @@ def agreement(args) -> None:
               f"{sum(x == y for x, y in zip(written[a], written[b]))}/{len(prompts)} stories identical; tokens before "
               f"the first difference: median {median(same_prefix):.0f}, min {min(same_prefix)}")
 
-    story_tokens = [t for s in stories for t in tokenizer.encode(s) + [tokenizer.eot_id]]
+    story_tokens = [t for s in openings for t in tokenizer.encode(s) + [tokenizer.eot_id]]
     sets = {"stories": np.asarray(story_tokens, dtype=np.int64)}
     if args.data:
         from tinystories.data import open_split, read_meta

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, SHARED, load_average, machine, median, print_machine  # noqa: E402
+from _common import REPO, SHARED, load_average, machine, median, print_machine, stories  # noqa: E402
 
 STORIES = SHARED / "tinystories" / "TinyStories-valid.head.txt"
 
@@ -49,8 +49,7 @@ def make_checkpoint(out: Path) -> Path:
     from tinystories.model import GPT
     from tinystories.tokenizer import train_bpe
 
-    stories = [s.strip() for s in STORIES.read_text(encoding="utf-8").split("<|endoftext|>") if s.strip()]
-    tokenizer = train_bpe(stories[:2000], 4096, show_progress=False)
+    tokenizer = train_bpe(stories(STORIES)[:2000], 4096, show_progress=False)
     torch.manual_seed(0)
     config = dataclasses.replace(get_preset("tiny"), vocab_size=tokenizer.vocab_size)
     return save_checkpoint(out / "bench-tiny", GPT(config), tokenizer)
@@ -58,8 +57,8 @@ def make_checkpoint(out: Path) -> Path:
 
 def openings(n: int) -> list[str]:
     """The first 3 to 10 words of n real stories: prompts of different lengths."""
-    stories = [s.strip() for s in STORIES.read_text(encoding="utf-8").split("<|endoftext|>") if s.strip()]
-    return [" ".join(stories[i].split()[: 3 + i % 8]) for i in range(n)]
+    texts = stories(STORIES)
+    return [" ".join(texts[i].split()[: 3 + i % 8]) for i in range(n)]
 
 
 class Server:
@@ -78,24 +77,31 @@ class Server:
                 [sys.executable, "-m", "tinystories", "serve", "--checkpoint", str(checkpoint), "--port", "0",
                  "--device", "cpu", "--max-tokens-cap", str(cap), *flags],
                 cwd=repo, stdout=out, stderr=subprocess.STDOUT)
-        self.port = self._wait_for_port()
+        try:
+            self.port = self._wait_for_port()
+        except BaseException:  # no server left running behind a failed start
+            self.stop()
+            raise
 
     def _wait_for_port(self, timeout: float = 300) -> int:
         deadline = time.monotonic() + timeout
+        port = None
         while time.monotonic() < deadline:
-            text = self.log.read_text()
-            if "http://127.0.0.1:" in text:
-                port = int(text.split("http://127.0.0.1:", 1)[1].split("/", 1)[0])
-                while time.monotonic() < deadline:
-                    try:
-                        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                        conn.request("GET", "/health")
-                        if conn.getresponse().status == 200:
-                            return port
-                    except OSError:
-                        time.sleep(0.2)
             if self.process.poll() is not None:
-                raise SystemExit(f"{self.name}: the server exited:\n{text}")
+                raise SystemExit(f"{self.name}: the server exited:\n{self.log.read_text()}")
+            text = self.log.read_text()
+            if port is None and "http://127.0.0.1:" in text:
+                port = int(text.split("http://127.0.0.1:", 1)[1].split("/", 1)[0])
+            if port is not None:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                try:
+                    conn.request("GET", "/health")
+                    if conn.getresponse().status == 200:
+                        return port
+                except OSError:
+                    pass
+                finally:
+                    conn.close()
             time.sleep(0.2)
         raise SystemExit(f"{self.name}: no server within {timeout:g} s:\n{self.log.read_text()}")
 
@@ -143,7 +149,8 @@ def one_round(port: int, prompts: list[str], max_tokens: int, seed: int, timeout
         except Exception as e:  # reported below
             results[i] = e
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    # daemon threads: a client still waiting after its timeout does not keep the script from exiting
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(len(prompts))]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -169,7 +176,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=100, help="tokens each stream asks for")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per side, alternating between the sides")
     ap.add_argument("--concurrency", type=int, default=None, help="the servers' --concurrency (default: theirs)")
-    ap.add_argument("--dtype", default=None, choices=["auto", "bf16", "fp32"],
+    ap.add_argument("--dtype", default=None, choices=["auto", "bf16", "int8", "fp32"],
                     help="our server's --dtype (default: its own, auto); the baseline's server before batching "
                          "has no such flag and decodes in the checkpoint's fp32")
     ap.add_argument("--timeout", type=float, default=300, help="seconds a request may take")

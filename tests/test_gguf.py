@@ -10,6 +10,7 @@ otherwise: llama.cpp is not a dependency).
 
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -343,10 +344,15 @@ def test_a_layout_with_no_llama_cpp_architecture_is_refused(tmp_path, bpe, capfd
 def test_out_may_be_new_or_an_earlier_gguf_export(tmp_path, bpe):
     out = export(tmp_path, random_model(bpe.vocab_size), bpe, "f32", name="sub/dir/m.gguf")  # folders are made
     assert read(out)[0]["general.file_type"] == FILE_TYPES["f32"]
-    (out.parent / ".m.gguf.tmp-99999").write_bytes(b"GGUF half")  # left by an export that was killed
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    (out.parent / f".m.gguf.tmp-{dead}").write_bytes(b"GGUF half")  # left by an export that was killed
+    running = out.parent / f".m.gguf.tmp-{os.getppid()}"  # a concurrent export's file, still being written
+    running.write_bytes(b"GGUF hal")
     assert export_gguf(tmp_path / "ckpt", out, "q8_0") == out  # ours: replaced
     assert read(out)[0]["general.file_type"] == FILE_TYPES["q8_0"]
-    assert sorted(p.name for p in out.parent.iterdir()) == ["m.gguf"]  # no temporary file left
+    # the dead process's temporary file is gone, the running one's is left alone
+    assert sorted(p.name for p in out.parent.iterdir()) == [running.name, "m.gguf"]
 
 
 def test_bad_out_is_refused_and_untouched(tmp_path, bpe, capfd):

@@ -415,6 +415,19 @@ def test_a_busy_port_is_a_one_line_error(tiny_checkpoint):
                                      "pick another with --port (--port 0 picks a free one)")
 
 
+def test_an_unusable_dtype_fails_before_the_model_is_loaded(tmp_path, monkeypatch, capfd):
+    # --dtype int8 where it cannot run (as on a GPU) is refused at once, not after a full load: the
+    # checkpoint named here does not exist, and the error is the dtype's, not the checkpoint's
+    import tinystories.decoding
+    from tinystories.cli import main
+
+    monkeypatch.setattr(tinystories.decoding, "int8_supported", lambda: False)
+    assert main(["serve", "--checkpoint", str(tmp_path / "none"), "--port", "0", "--device", "cpu",
+                 "--dtype", "int8"]) == 2
+    err = capfd.readouterr().err
+    assert "--dtype int8 needs PyTorch's fbgemm kernels" in err and "does not exist" not in err
+
+
 # -----------------------------------------------------------------------------
 # Validation without a server
 

@@ -24,14 +24,18 @@ def make_client(server, strict: bool = True):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return make_client(server)
+    client = make_client(server)
+    yield client
+    client.close()
 
 
 @pytest.fixture(scope="module")
 def lenient_client(server):
     """For streamed completions only: the package types their chunks as whole completions, whose
     finish_reason may not be null, while OpenAI's own server sends null until the last chunk."""
-    return make_client(server, strict=False)
+    client = make_client(server, strict=False)
+    yield client
+    client.close()
 
 
 def test_models(client):

@@ -67,8 +67,8 @@ def _int_up_to(limit: int, why: str):
 # Sampling seeds go to torch.Generator.manual_seed; 0 .. 2**63 - 1 fits every 64-bit integer
 # (torch's, numpy's, JSON readers') and is the range the random default is drawn from.
 SEED_MAX = 2**63 - 1
-# Stories written in one batch by `generate`: each holds its own KV cache; the server writes one
-# per request. 64 is far more than a terminal shows, and still a few hundred MB for the 33m model.
+# Stories written in one batch by `generate`: each holds its own KV cache. 64 is far more than a
+# terminal shows, and still a few hundred MB for the 33m model.
 MAX_SAMPLES = 64
 # A TinyStories story is a few hundred tokens; beyond this a number is a typo, not a story.
 MAX_NEW_TOKENS = 100_000
@@ -95,9 +95,10 @@ def _add_sampling(p) -> None:
 def _add_decode_dtype(p, default: str) -> None:
     """--dtype of the commands that write stories: the weights the cached decoder multiplies with."""
     p.add_argument("--dtype", default=default, choices=["auto", "bf16", "int8", "fp32"],
-                   help="matmul weights while writing: auto = bf16 where the CPU or GPU multiplies bf16 natively, "
-                        "else the model's own; int8 (x86 CPUs) = int8 weights with one scale per output channel, "
-                        "faster still at a small cost in loss (BENCHMARKS.md); fp32 = exactly the model")
+                   help="the weights' dtype while writing (not autocast): auto = bf16 where the CPU or GPU "
+                        "multiplies bf16 natively, else the model's own; int8 (x86 CPUs) = int8 weights with one "
+                        "scale per output channel, faster still at a small cost in loss (BENCHMARKS.md); "
+                        "fp32 = exactly the model")
 
 
 def _add_prepare(sub) -> None:
@@ -212,7 +213,8 @@ def _add_evaluate(sub) -> None:
                    help="step between the sliding windows over stories longer than block_size "
                         "(default: block_size // 2)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
-                   help="autocast dtype for the forward pass; fp32 gives reproducible numbers")
+                   help="autocast dtype of the forward pass (the weights stay as loaded); fp32 gives reproducible "
+                        "numbers")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     p.set_defaults(run="tinystories.evaluate:run")
 
@@ -333,7 +335,7 @@ def _add_serve(sub) -> None:
                    help="requests decoded together in one batch (the KV cache's slots); more wait their turn. "
                         "A decode step computes 1, 2, 4, ... rows, the fewest that hold the requests decoding, "
                         "at shapes proven to give a row the same logits (so a request's text never depends on the "
-                        "others)")
+                        "others; except at --dtype int8, whose rows share one input scale)")
     p.add_argument("--model-name", default=None,
                    help="the model id the API reports (default: the run or checkpoint folder name)")
     _add_decode_dtype(p, "auto")  # as `generate`; int8 gives up batch invariance (its rows share an input scale)

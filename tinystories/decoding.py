@@ -149,7 +149,7 @@ class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, gelu: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.dtype, self.gelu = torch.int8, gelu
+        self.gelu = gelu
         q, scale = quantize_per_channel(linear.weight)
         zero = torch.zeros(len(scale), dtype=torch.long)
         bias = None if linear.bias is None else linear.bias.detach().float()

@@ -202,9 +202,11 @@ def _write_json(path: Path, obj: dict) -> None:
 # Bias is absent from GPT-2's: a model without biases exports zero biases, which change nothing.
 GPT2_LAYOUT = {"pos_embedding": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False}
 LLAMA_LAYOUT = {"pos_embedding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}
-LAYOUT_NEEDS = ("GPT-2/GPT-Neo need pos_embedding=learned, norm=layernorm, mlp=gelu, qk_norm=false; "
-                "Llama needs pos_embedding=rope, norm=rmsnorm, mlp=swiglu, bias=false, qkv_bias=false, "
-                "scale_attention=true, no local layers (Qwen3: the same with qk_norm=true)")
+# What each family needs, for the refusals (here and in gguf_export.py)
+GPT2_NEEDS = "pos_embedding=learned, norm=layernorm, mlp=gelu, qk_norm=false"
+LLAMA_NEEDS = (", ".join(f"{k}={str(v).lower()}" for k, v in LLAMA_LAYOUT.items())
+               + ", qkv_bias=false, scale_attention=true, no local layers (Qwen3: the same with qk_norm=true)")
+LAYOUT_NEEDS = f"GPT-2/GPT-Neo need {GPT2_NEEDS}; Llama needs {LLAMA_NEEDS}"
 
 
 def hf_family(cfg) -> str:

@@ -360,7 +360,7 @@ def run(args) -> int:
         raise UserError(f"--seed must be an integer from 0 to 2**63 - 1, got {args.seed}")
     device = pick_device(args.device)
     # --dtype (auto: bf16 matmul weights where the hardware has bf16; see "Speed" above)
-    dtype = decode_dtype(device, getattr(args, "dtype", None) or "auto")
+    dtype = decode_dtype(device, args.dtype)
     ckpt = load_checkpoint(args.checkpoint, device)
     model, tokenizer = ckpt.model, ckpt.tokenizer
     block_size = model.config.block_size

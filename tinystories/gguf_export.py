@@ -69,7 +69,7 @@ from pathlib import Path
 
 from tinystories import __version__
 from tinystories.errors import UserError
-from tinystories.export import LLAMA_LAYOUT, is_neo, layout_differences
+from tinystories.export import GENERATION_DEFAULTS, GPT2_NEEDS, LLAMA_NEEDS, is_neo, layout_differences
 from tinystories.outputs import check_output_file, write_file
 from tinystories.tokenizer import BPE_FILE, EOT, GPT2_FILES
 
@@ -83,8 +83,9 @@ OUTTYPES = {
 }
 DEFAULT_OUTTYPE = "f16"
 INSTALL = "pip install 'tinystories[gguf]'"
-# The defaults of `tinystories generate` (cli.py), as llama.cpp's general.sampling.* keys
-SAMPLING = {"temp": 0.8, "top_p": 0.95}
+# The defaults of `tinystories generate` (as the HF export's generation_config.json), as llama.cpp's
+# general.sampling.* keys
+SAMPLING = {"temp": GENERATION_DEFAULTS["temperature"], "top_p": GENERATION_DEFAULTS["top_p"]}
 
 
 def export_gguf(checkpoint_path, out_file, outtype: str = DEFAULT_OUTTYPE) -> Path:
@@ -117,12 +118,28 @@ def export_gguf(checkpoint_path, out_file, outtype: str = DEFAULT_OUTTYPE) -> Pa
             os.fsync(f.fileno())
 
     note = "the earlier file there is unchanged" if out.exists() else "nothing was written"
-    for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):  # left by an export that was killed
-        stale.unlink()
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+        if _left_by_a_dead_process(tmp):  # an export that was killed; a running one's file is its own
+            tmp.unlink(missing_ok=True)
     try:
         return write_file(out, b"", write=write)  # write(tmp) makes the file, renamed to `out` when complete
     except UserError as e:
         raise UserError(f"{e}; {note}") from None
+
+
+def _left_by_a_dead_process(tmp: Path) -> bool:
+    """True for a temporary file of write_file (`.NAME.tmp-PID`) whose process no longer runs.
+    write_file removes its file when the write fails; only a killed process leaves one behind."""
+    pid = tmp.name.rsplit("-", 1)[1]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: no signal sent, only whether the process exists
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists but is another user's (PermissionError), or the pid is out of range
+        return False
+    return False
 
 
 def _import_gguf():
@@ -176,11 +193,8 @@ def gguf_architecture(cfg) -> str:
     if not llama:
         return "qwen3" if cfg.qk_norm else "llama"
     nearer = gpt2 if len(gpt2) < len(llama) else llama
-    llama_needs = ", ".join(f"{k}={str(v).lower()}" for k, v in LLAMA_LAYOUT.items())
     raise UserError(f"export --format gguf: no llama.cpp architecture holds this layout ({', '.join(nearer)}); "
-                    f"gpt2 needs pos_embedding=learned, norm=layernorm, mlp=gelu, qk_norm=false; llama needs "
-                    f"{llama_needs}, qkv_bias=false, scale_attention=true, no local layers (qwen3: the same with "
-                    "qk_norm=true)")
+                    f"gpt2 needs {GPT2_NEEDS}; llama needs {LLAMA_NEEDS}")
 
 
 # -----------------------------------------------------------------------------

@@ -398,7 +398,7 @@ def run(args) -> int:
         judge = JudgeClient(args.judge_url, args.judge_model, os.environ.get(args.judge_key_env) or None,
                             rate=args.judge_rate, retries=args.judge_retries)
     device = pick_device(args.device)
-    dtype_name = getattr(args, "dtype", None) or "fp32"
+    dtype_name = args.dtype
     dtype = decode_dtype(device, dtype_name)
     prompts = prompt_set.prompts
     out = check_output_dir(args.out, "--out")  # before the generation, not after it

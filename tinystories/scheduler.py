@@ -42,13 +42,15 @@ against the full one on other rows than the probe's.
 
 `tinystories serve` decodes with the weights' dtype that `generate` picks (--dtype auto: bf16 on
 CPUs that multiply it natively): there a step of 16 rows costs ~2.5x less in its matmuls than at
-fp32 and every number of rows is invariant.
+fp32 and every number of rows is invariant. --dtype int8 is not batch-invariant at any shape (an
+int8 matmul quantizes its input with one scale over all its rows), so it skips the probe and
+steps at every candidate shape (1, 2, 4, ... rows).
 
 Why a few shapes rather than one (measured, `tiny` shape, 2 cores, BENCHMARKS.md): with every
 step over all 16 slots, a lone request ran at 0.41x the speed of the server before batching; a
-step of 16 rows costs ~2.9x one of 1 row at bf16, ~1.9x one of 2 rows at fp32. Shapes that follow the batch exactly (3 rows for 3
-requests) would be as cheap, but only a proof per shape keeps them honest, and powers of two keep
-the probe short while wasting at most half the rows.
+step of 16 rows costs ~2.9x one of 1 row at bf16, ~1.9x one of 2 rows at fp32. Shapes that
+follow the batch exactly (3 rows for 3 requests) would be as cheap, but only a proof per shape
+keeps them honest, and powers of two keep the probe short while wasting at most half the rows.
 
 Against `tinystories.generate.stream` (a request alone through the library): the same sampling,
 the same sliding window (below), and the same prefill for a prompt of up to `prefill_chunk`
@@ -154,6 +156,7 @@ class Scheduler:
         self.ring = config.pos_embedding == "rope" and "local" not in (config.attention_layers or ())
         # The model laid out for decoding, as `stream` uses it (on the CPU: packed matmul weights).
         self.model = decoding_copy(model, dtype)
+        self.int8 = dtype == torch.int8  # its rows share an input scale: no shape is batch-invariant
         self.device = model.transformer.wte.weight.device
         with torch.inference_mode():
             self.cache = self.model.new_kv_cache(batch_size=slots, max_len=config.block_size)
@@ -331,8 +334,14 @@ class Scheduler:
         every position and context length mean equal logits for any rows at that shape."""
         if candidates is None:
             candidates = tuple(2**i for i in range(self.slots.bit_length()))
-        gen = torch.Generator().manual_seed(0)
         S, L, V = self.slots, self.block_size, self.model.config.vocab_size
+        if self.int8:
+            # An int8 matmul quantizes its input with one scale over all its rows, so no shape passes
+            # the probe and a row's logits depend on the others at every shape, the full one too:
+            # --dtype int8 gives up batch invariance (documented), so it takes every candidate shape
+            # and a lone request steps at 1 row rather than paying for all `slots`.
+            return [*(n for n in sorted(set(candidates)) if 1 <= n < S), S]
+        gen = torch.Generator().manual_seed(0)
         for t in (self.cache.k, self.cache.v):
             t.copy_(torch.randn(t.shape, generator=gen))  # keys and values to attend to (cleared below)
         idx = torch.randint(0, V, (S,), generator=gen).to(self.device)

@@ -23,9 +23,10 @@ a positive one at least 2**-126, float32's smallest normal number), top_p ((0, 1
 least 2**-126), top_k (>= 1 or null; not in OpenAI's API but common in open servers), seed (an
 integer from -2**63 to 2**64 - 1, torch's range: the same seed and settings give the same text),
 stream, stream_options {include_usage}, model (any value is accepted; the response names the model
-that answered), n = 1, user. OpenAI fields this server cannot honour (stop, echo, logprobs, best_of > 1, suffix, penalties,
-logit_bias) are refused when set to anything but their neutral value, and unknown fields are refused,
-so a client never silently gets something other than what it asked for. Every refusal is a 4xx in
+that answered), n = 1, user. OpenAI fields this server cannot honour (stop, echo, logprobs,
+best_of > 1, suffix, penalties, logit_bias) are refused when set to anything but their neutral
+value, and unknown fields are refused, so a client never silently gets something other than what
+it asked for. Every refusal is a 4xx in
 OpenAI's error shape: {"error": {"message", "type", "param", "code"}}.
 
 Chat: the model writes stories; it has no notion of a conversation. It continues the last message,
@@ -56,11 +57,13 @@ Choices made here:
   full shape bit for bit, so a request's text never depends on what else runs (the same seed and
   settings give the same text alone or under load; tests/test_scheduler.py), and it is what
   `generate` writes for the request alone, with the same --dtype, up to the last bit of a logit
-  (identical in the tests). The event loop only moves text, so the page and /health stay
-  responsive while the model works. Measured with bench/serve.py on 2 very busy CPU cores
-  (BENCHMARKS.md), the `tiny` shape: 5.1x to 5.2x the tokens/s of the thread-pool server this
-  replaced at 16 concurrent 100-token streams, the median time to the first token shorter; a
-  lone stream 0.8x (1.05x with one OpenMP thread for both).
+  (identical in the tests). Not so at --dtype int8: an int8 matmul quantizes all its rows with one
+  input scale, so a row's logits, and so its text, can depend on the other requests in the step.
+  The event loop only moves text, so the page and /health stay responsive while the model works.
+  Measured with bench/serve.py on 2 very busy CPU cores (BENCHMARKS.md), the `tiny` shape: 5.1x
+  to 5.2x the tokens/s of the thread-pool server this replaced at 16 concurrent 100-token
+  streams, the median time to the first token shorter; a lone stream 0.8x (1.05x with one OpenMP
+  thread for both).
 - A client that goes away leaves the batch before the next step.
 - Limits against mistakes: a request body of at most 1 MiB (a larger declared Content-Length is
   refused with a 413 before any of it is read), JSON nested at most 32 deep, a prompt of at most
@@ -211,8 +214,13 @@ def _is_number(value) -> bool:
 def _show(value, limit: int = 60) -> str:
     """A client's value for an error message: repr (ASCII-safe for lone surrogates, which the UTF-8
     response could not carry), cut to `limit` characters (a value can be up to 1 MiB long)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return _cut(repr(value), limit)
+
+
+def _cut(key: str, limit: int = 60) -> str:
+    """A client's JSON key for an error message and its `param`, cut to `limit` characters (a key is
+    any string, up to 1 MiB long)."""
+    return key if len(key) <= limit else key[: limit - 3] + "..."
 
 
 def json_depth(value) -> int:
@@ -249,7 +257,7 @@ def check_fields(body, known: set[str], neutral: dict) -> None:
         raise ApiError(400, "the request body must be a JSON object")
     unknown = sorted(set(body) - known)
     if unknown:
-        name = unknown[0] if len(unknown[0]) <= 60 else unknown[0][:57] + "..."  # a key is any string
+        name = _cut(unknown[0])
         raise ApiError(400, f"unrecognized request argument: {name} (supported: {', '.join(sorted(known))})", name)
     for name, values in neutral.items():
         if name in body and body[name] not in values:
@@ -341,7 +349,7 @@ def message_text(message, index: int) -> str:
         raise ApiError(400, f"{param} must be an object with a role and a content", param)
     unknown = sorted(set(message) - MESSAGE_FIELDS)
     if unknown:
-        name = unknown[0] if len(unknown[0]) <= 60 else unknown[0][:57] + "..."
+        name = _cut(unknown[0])
         raise ApiError(400, f"{param} has a field this server does not take: {name} (a message may hold "
                             f"{', '.join(sorted(MESSAGE_FIELDS))})", f"{param}.{name}")
     role = message.get("role")
@@ -403,8 +411,8 @@ class Engine:
     """The model, loaded once, and the scheduler that decodes the requests together
     (tinystories/scheduler.py: one worker thread, one batch, --concurrency slots)."""
 
-    def __init__(self, checkpoint, model_id: str, max_tokens_cap: int, concurrency: int, dtype: str = "auto"):
-        from tinystories.decoding import decode_dtype
+    def __init__(self, checkpoint, model_id: str, max_tokens_cap: int, concurrency: int,
+                 dtype: torch.dtype | None = None):
         from tinystories.scheduler import Scheduler
 
         self.model = checkpoint.model
@@ -415,8 +423,8 @@ class Engine:
         self.created = int(Path(checkpoint.path).stat().st_mtime)
         self.device = str(next(self.model.parameters()).device)
         self.model.eval()
-        # the weights' dtype as `tinystories generate` picks it (bf16 where the hardware multiplies it)
-        self.dtype = decode_dtype(next(self.model.parameters()).device, dtype)
+        # the weights' dtype, resolved by the caller as `tinystories generate` does (decode_dtype); None: the model's
+        self.dtype = dtype
         self.scheduler = Scheduler(self.model, slots=concurrency, eot_id=self.tokenizer.eot_id, dtype=self.dtype)
 
     def encode_prompt(self, prompt: str, param: str = "prompt") -> list[int]:
@@ -837,6 +845,7 @@ def run(args) -> int:
     except ImportError:
         raise UserError("tinystories serve needs starlette and uvicorn: pip install 'tinystories[serve]'") from None
     from tinystories.checkpoint import load_checkpoint
+    from tinystories.decoding import decode_dtype
     from tinystories.device import pick_device
 
     if not 0 <= args.port <= 65535:
@@ -846,12 +855,13 @@ def run(args) -> int:
     port = sock.getsockname()[1]
     try:
         device = pick_device(args.device)
+        dtype = decode_dtype(device, args.dtype)  # before the load: --dtype int8 on a GPU fails at once
         ckpt = load_checkpoint(args.checkpoint, device)
+        engine = Engine(ckpt, args.model_name or model_id_for(ckpt.path), args.max_tokens_cap, args.concurrency,
+                        dtype)
     except BaseException:
         sock.close()
         raise
-    engine = Engine(ckpt, args.model_name or model_id_for(ckpt.path), args.max_tokens_cap, args.concurrency,
-                    args.dtype)
     app = create_app(engine)
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     n_params = sum(p.numel() for p in engine.model.parameters())
