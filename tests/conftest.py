@@ -58,6 +58,20 @@ def run_cli(*args, check=False, timeout=600, **kw):
 
 
 @pytest.fixture(scope="session")
+def stories(v1_train_head) -> list[str]:
+    """300 real stories: enough to train a small BPE on."""
+    return read_stories(v1_train_head, 300)
+
+
+@pytest.fixture(scope="session")
+def bpe(stories):
+    """A 512-token BPE of those stories: a small output layer keeps model tests fast."""
+    from tinystories.tokenizer import train_bpe
+
+    return train_bpe(stories, vocab_size=512, show_progress=False)
+
+
+@pytest.fixture(scope="session")
 def small_data(tmp_path_factory, v1_train_head) -> Path:
     """A DATA_DIR of 600 real stories with a 512-token BPE (made by the real `prepare`)."""
     out = tmp_path_factory.mktemp("data") / "small"

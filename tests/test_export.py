@@ -14,14 +14,13 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never the network
 
-from conftest import read_stories  # noqa: E402
 from tinystories.checkpoint import save_checkpoint  # noqa: E402
 from tinystories.cli import build_parser, main  # noqa: E402
 from tinystories.config import ModelConfig  # noqa: E402
 from tinystories.errors import UserError  # noqa: E402
 from tinystories.export import GENERATION_DEFAULTS, export_hf, hf_state_dict  # noqa: E402
 from tinystories.model import GPT  # noqa: E402
-from tinystories.tokenizer import load_gpt2, train_bpe  # noqa: E402
+from tinystories.tokenizer import load_gpt2  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -52,16 +51,6 @@ def greedy_full_context(model: GPT, prompt: list[int], max_new_tokens: int, eot_
             if ids[-1] == eot_id:
                 break
     return ids
-
-
-@pytest.fixture(scope="module")
-def stories(v1_train_head):
-    return read_stories(v1_train_head, 300)
-
-
-@pytest.fixture(scope="module")
-def bpe(stories):
-    return train_bpe(stories, vocab_size=512, show_progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import read_stories
 from tinystories.checkpoint import save_checkpoint
 from tinystories.cli import main
 from tinystories.config import ModelConfig
 from tinystories.errors import UserError
 from tinystories.generate import generate
 from tinystories.model import GPT, rope_angles, rotate
-from tinystories.tokenizer import EOT, load_gpt2, train_bpe
+from tinystories.tokenizer import EOT, load_gpt2
 
 gguf = pytest.importorskip("gguf")
 from tinystories.gguf_export import export_gguf, interleave_rope_rows  # noqa: E402
@@ -53,16 +52,6 @@ def random_model(vocab_size, *, n_layer=2, n_head=4, n_embd=64, block_size=64, s
             gain = 1.0 if p.ndim == 1 and name.endswith(".weight") else 0.0
             p.copy_(gain + 0.2 * torch.randn(p.shape, generator=g))
     return model.eval()
-
-
-@pytest.fixture(scope="module")
-def stories(v1_train_head):
-    return read_stories(v1_train_head, 300)
-
-
-@pytest.fixture(scope="module")
-def bpe(stories):
-    return train_bpe(stories, vocab_size=512, show_progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never the network
 
-from conftest import read_stories  # noqa: E402
 from tinystories.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from tinystories.cli import main  # noqa: E402
 from tinystories.config import ModelConfig  # noqa: E402
@@ -26,7 +25,6 @@ from tinystories.export import export_hf, hf_family, tokenizer_files  # noqa: E4
 from tinystories.generate import generate  # noqa: E402
 from tinystories.hf_import import import_hf  # noqa: E402
 from tinystories.model import GPT  # noqa: E402
-from tinystories.tokenizer import train_bpe  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
@@ -71,16 +69,6 @@ def random_hf(kind, vocab_size, *, tie, seed=0):
     )
     torch.manual_seed(seed)
     return scale_up(transformers.AutoModelForCausalLM.from_config(config), seed)
-
-
-@pytest.fixture(scope="module")
-def stories(v1_train_head):
-    return read_stories(v1_train_head, 300)
-
-
-@pytest.fixture(scope="module")
-def bpe(stories):
-    return train_bpe(stories, vocab_size=512, show_progress=False)
 
 
 def save_hf(model, folder, tok):

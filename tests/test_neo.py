@@ -14,7 +14,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never the network
 
-from conftest import read_stories, run_cli  # noqa: E402
+from conftest import run_cli  # noqa: E402
 from tinystories.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from tinystories.cli import build_parser, main  # noqa: E402
 from tinystories.config import PRESETS, ModelConfig  # noqa: E402
@@ -92,11 +92,6 @@ def save_hf(model, folder, tokenizer_dir):
     for p in tokenizer_dir.iterdir():
         (folder / p.name).write_bytes(p.read_bytes())
     return folder
-
-
-@pytest.fixture(scope="module")
-def stories(v1_train_head):
-    return read_stories(v1_train_head, 300)
 
 
 @pytest.fixture(scope="module")
