@@ -96,9 +96,11 @@ def test_type_a_prompt_press_the_button_and_the_story_appears(page, local, tmp_p
     # exactly what the library writes with these settings, shown after the prompt
     assert page.locator("#generated").text_content() == text
     seen = page.evaluate("window.seen")
-    # shown as it came, not all at once (the browser may get several events in one read: 8 to 26
-    # states for these 40 tokens in our runs)
-    assert len(seen) >= 3 and seen[-1] == text, seen
+    # shown as it came, not all at once. How many states the page passes through depends on how
+    # the server's pieces fall into the browser's reads: 8 to 26 for these 40 tokens with the server
+    # of one stream per request, 2 and more with the batching scheduler, which decodes this random
+    # `tiny` shape in about a millisecond a token and sends what is queued as one piece
+    assert len(seen) >= 2 and seen[-1] == text, seen
     assert all(b.startswith(a) for a, b in zip(seen, seen[1:])), seen
     assert page.locator("#story .prompt").text_content() == prompt
     assert f"{n_tokens} tokens in" in page.locator("#status").text_content()
