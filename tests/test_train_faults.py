@@ -204,9 +204,30 @@ def rank_logs(log_dir: Path, stream: str) -> dict[int, str]:
     return {int(f.parent.name): f.read_text() for f in files}
 
 
-def _rank_pids(torchrun: subprocess.Popen) -> list[int]:
+def _rank_pids(torchrun: subprocess.Popen) -> dict[int, int]:
+    """{rank: pid} of torchrun's worker processes (their RANK from /proc/PID/environ)."""
     children = Path(f"/proc/{torchrun.pid}/task/{torchrun.pid}/children")
-    return [int(p) for p in children.read_text().split()] if children.exists() else []
+    pids = [int(p) for p in children.read_text().split()] if children.exists() else []
+    ranks = {}
+    for pid in pids:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        env = dict(item.split(b"=", 1) for item in environ if b"=" in item)
+        ranks[int(env[b"RANK"])] = pid
+    return ranks
+
+
+def _start_long_ddp_run(run: Path, logs: Path, data: Path) -> tuple[subprocess.Popen, dict[int, int]]:
+    """A 2-rank run that would go on for hours, once it has logged 3 steps: (torchrun, {rank: pid})."""
+    args = [*SMALL, "--max-steps", 100000, "--checkpoint-interval", 100000, "--grad-accum", 2]
+    proc = subprocess.Popen(torchrun_cmd("--data", data, "--out", run, *args, log_dir=logs),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "log.jsonl").exists() and len(read_log(run)) >= 3):
+        time.sleep(0.05)
+    ranks = _rank_pids(proc)
+    assert sorted(ranks) == [0, 1], ranks
+    return proc, ranks
 
 
 @pytest.mark.slow
@@ -241,19 +262,7 @@ def test_ddp_a_stop_request_to_one_rank_stops_all_at_the_same_step(tmp_path, sma
     """SIGTERM to rank 1 alone (a scheduler preempting one worker): both ranks finish the same step,
     rank 0 saves checkpoints/last, every rank exits with the stopped status, and --resume goes on."""
     run, logs = tmp_path / "run", tmp_path / "logs"
-    args = [*SMALL, "--max-steps", 100000, "--checkpoint-interval", 100000, "--grad-accum", 2]
-    proc = subprocess.Popen(torchrun_cmd("--data", small_data, "--out", run, *args, log_dir=logs),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((run / "log.jsonl").exists() and len(read_log(run)) >= 3):
-        time.sleep(0.05)
-    pids = _rank_pids(proc)
-    assert len(pids) == 2, pids
-    def rank_of(pid):
-        env = dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in item)
-        return int(env[b"RANK"])
-    ranks = {rank_of(p): p for p in pids}
+    proc, ranks = _start_long_ddp_run(run, logs, small_data)
     os.kill(ranks[1], signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert "exitcode  : -" not in err and "SIGABRT" not in err, err[-3000:]
@@ -274,17 +283,8 @@ def test_ddp_a_rank_killed_at_once_makes_the_other_stop_with_one_line(tmp_path, 
     """SIGKILL to rank 1 (the OOM killer, say): rank 0 must not hang in its next all-reduce (Gloo's
     timeout is 30 minutes) nor end in a traceback or an abort, but stop with one line that says why."""
     run, logs = tmp_path / "run", tmp_path / "logs"
-    args = [*SMALL, "--max-steps", 100000, "--checkpoint-interval", 100000, "--grad-accum", 2]
-    proc = subprocess.Popen(torchrun_cmd("--data", small_data, "--out", run, *args, log_dir=logs),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((run / "log.jsonl").exists() and len(read_log(run)) >= 3):
-        time.sleep(0.05)
-    pids = _rank_pids(proc)
-    assert len(pids) == 2, pids
-    rank_1 = next(p for p in pids if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{p}/environ").read_bytes())
-    os.kill(rank_1, signal.SIGKILL)
+    proc, ranks = _start_long_ddp_run(run, logs, small_data)
+    os.kill(ranks[1], signal.SIGKILL)
     out, err = proc.communicate(timeout=120)
     assert "SIGABRT" not in err and "exitcode  : -6" not in err, err[-3000:]
     rank_0 = rank_logs(logs, "stderr")[0]
