@@ -2,7 +2,7 @@
 score each on the test split (loss and bits per byte).
 
     python bench/recipe.py --out out/recipe --steps 300 --only base,muon,muon+rope
-    python bench/recipe.py --out out/recipe --steps 1097 --equal time --seeds 1337,1338,1339 --only base,new
+    python bench/recipe.py --out out/recipe --steps 1097 --equal time --seeds 1337,1338,1339 --only base,new+4x128
 
 Each run is the real `tinystories train` in its own process, then `tinystories evaluate` of its last
 checkpoint on the test split (every token with its story's context). `--steps` is the baseline's
@@ -10,16 +10,17 @@ step count (1,097 is what 5 minutes give today's `tiny` on the 2-core build mach
 budget); a configuration gets the steps that give it
 
 - `--equal tokens`: the baseline's tokens (steps scaled by tokens per step), or
-- `--equal time`: the baseline's training time. Speeds come from short probe runs of every
-  configuration, taken in turns (A, B, C, A, B, C, ...) so that a load that comes and goes on a
-  shared machine hits each alike; steps = baseline steps x (its tokens/s / the baseline's) x
-  (the baseline's tokens per step / its own). The training runs themselves may then run at any
-  speed: their results do not depend on it.
+- `--equal time`: the baseline's training time. Speeds come from training steps of every
+  configuration taken in turns (A, B, C, A, B, C, ...) in one process, so that a load that comes
+  and goes on a shared machine hits each alike (probe_speeds); steps = baseline steps x (its
+  tokens/s / the baseline's) x (the baseline's tokens per step / its own). The training runs
+  themselves may then run at any speed: their results do not depend on it.
 
 `--eval quick` scores a run instead by the trainer's last estimate on the first 2**18 test tokens
-(for a screen: the same tokens for every configuration). Results go to OUT/results.jsonl (one line per run, appended, so an interrupted ablation keeps what
-it finished and a rerun skips it), a markdown table on stdout (mean and spread over seeds), and
-OUT/curves.png (val loss against tokens) through `tinystories plot`.
+(for a screen: the same tokens for every configuration). Results go to OUT/results.jsonl (one
+line per run, appended, so an interrupted ablation keeps what it finished and a rerun skips it), a
+markdown table on stdout (mean and spread over seeds), and OUT/curves.png (val loss against tokens)
+through `tinystories plot`.
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -97,10 +96,10 @@ DATASETS = {"v2": (TRAIN_FILES, 4096), "all": (ALL_TRAIN_FILES, 4096),
             "v2-2048": (TRAIN_FILES, 2048), "v2-8192": (TRAIN_FILES, 8192)}
 
 
-def tinystories(*args, log: Path | None = None, env: dict | None = None) -> None:
+def tinystories(*args, log: Path | None = None) -> None:
     cmd = [sys.executable, "-m", "tinystories", *map(str, args)]
     with open(log, "a") if log else open("/dev/null", "w") as f:
-        r = subprocess.run(cmd, stdout=f, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.PIPE, text=True, cwd=REPO)
     if r.returncode != 0:
         sys.exit(f"recipe: `tinystories {' '.join(map(str, args[:2]))} ...` failed:\n{r.stderr[-2000:]}")
 
@@ -126,37 +125,26 @@ def last_record(run: Path) -> dict:
 
 
 def probe_speeds(out: Path, names: list[str], data: dict[str, Path], rounds: int, clock: str) -> dict[str, float]:
-    """Tokens/s of each configuration from probe runs taken in turns (median over rounds).
+    """Tokens/s of each configuration, median over rounds taken in turns.
 
-    clock "wall": the trainer's own tokens/s over 8 steps, two torch threads, past warm-up: right
-    on a quiet machine, and as noisy as the machine's load on a shared one. clock "cpu": one torch
-    thread, and the CPU seconds the process spent (getrusage) in a 12-step run minus a 4-step run,
-    so that start-up, evaluation and saving cancel: the work a step costs, which other processes on
-    the machine do not change. It assumes that the configurations' speed ratio with one thread is
-    their ratio with two (check it on a quiet machine). clock "interleaved": see interleaved_speeds.
+    clock "interleaved": steps of every configuration in turns in one process (interleaved_speeds),
+    which a shared machine's load does not skew. clock "wall": the trainer's own tokens/s in an
+    8-step run of each, two torch threads, past warm-up (the first round of the screen): right on a
+    quiet machine, as noisy as the load on a shared one (2x between rounds seen here).
     """
     if clock == "interleaved":
         return interleaved_speeds(names, data, rounds)
     speeds: dict[str, list[float]] = {n: [] for n in names}
-    env = {**os.environ, "OMP_NUM_THREADS": "1"} if clock == "cpu" else None
     for r in range(rounds):
         for name in names:
             flags, ds = CONFIGS[name]
-            cpu = {}
-            for steps in ((4, 12) if clock == "cpu" else (8,)):
-                run = out / "probes" / f"{name}-{r}-{steps}"
-                subprocess.run(["rm", "-rf", str(run)])
-                before = resource.getrusage(resource.RUSAGE_CHILDREN)
-                tinystories("train", "--data", data[ds], "--out", run, *BASE, *flags, "--max-steps", steps,
-                            "--eval-interval", 1000, "--eval-tokens", 256, "--checkpoint-interval", 1000, env=env)
-                after = resource.getrusage(resource.RUSAGE_CHILDREN)
-                cpu[steps] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-                log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-                subprocess.run(["rm", "-rf", str(run)])
-            if clock == "cpu":
-                speeds[name].append(8 * tokens_per_step(name) / (cpu[12] - cpu[4]))
-            else:
-                speeds[name].append(statistics.median(rec["tokens_per_s"] for rec in log[2:]))  # past warm-up
+            run = out / "probes" / f"{name}-{r}"
+            subprocess.run(["rm", "-rf", str(run)])
+            tinystories("train", "--data", data[ds], "--out", run, *BASE, *flags, "--max-steps", 8,
+                        "--eval-interval", 1000, "--eval-tokens", 256, "--checkpoint-interval", 1000)
+            log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+            speeds[name].append(statistics.median(rec["tokens_per_s"] for rec in log[2:]))  # past warm-up
+            subprocess.run(["rm", "-rf", str(run)])
         print(f"probe round {r + 1}/{rounds}: " + ", ".join(f"{n} {speeds[n][-1]:,.0f}" for n in names), flush=True)
     return {n: statistics.median(v) for n, v in speeds.items()}
 
@@ -234,15 +222,16 @@ def main() -> None:
     p.add_argument("--baseline", default="base", help="the configuration the budget is measured in")
     p.add_argument("--equal", choices=["tokens", "time"], default="tokens")
     p.add_argument("--seeds", default="1337", help="comma-separated seeds; each configuration runs once per seed")
-    p.add_argument("--probe-rounds", type=int, default=3, help="--equal time: probe runs per configuration")
-    p.add_argument("--probe-clock", choices=["wall", "cpu", "interleaved"], default="wall",
-                   help="--equal time: speed from wall time (a quiet machine) or from CPU time with one thread "
-                        "(a shared one), or steps of every configuration in turns in one process (rounds = steps); "
-                        "see probe_speeds")
+    p.add_argument("--probe-rounds", type=int, default=None,
+                   help="--equal time: rounds of probes (default 20 steps of each interleaved, 3 runs of each by wall)")
+    p.add_argument("--probe-clock", choices=["interleaved", "wall"], default="interleaved",
+                   help="--equal time: speeds from steps of every configuration in turns in one process, or from "
+                        "each one's own short run (a quiet machine only); see probe_speeds")
     p.add_argument("--eval", choices=["full", "quick"], default="full",
                    help="full: `tinystories evaluate` of the whole test split; quick: the trainer's last test "
                         "loss on its first 2**18 tokens (bits per byte from the split's bytes per token)")
-    p.add_argument("--table-only", action="store_true", help="print the table of what results.jsonl holds, train nothing")
+    p.add_argument("--table-only", action="store_true",
+                   help="print the table of what results.jsonl holds, train nothing")
     p.add_argument("--baseline-from", default=None, metavar="TAG",
                    help="take the baseline's results from an earlier ablation TAG instead of training it again "
                         "(same configuration, seeds and steps give the same run: the trainer is deterministic)")
@@ -271,7 +260,8 @@ def main() -> None:
         if probes.exists() and set(json.loads(probes.read_text())) >= set(names):
             speeds = json.loads(probes.read_text())
         else:
-            speeds = probe_speeds(out, names, data, args.probe_rounds, args.probe_clock)
+            rounds = args.probe_rounds or (20 if args.probe_clock == "interleaved" else 3)
+            speeds = probe_speeds(out, names, data, rounds, args.probe_clock)
             probes.write_text(json.dumps(speeds, indent=1) + "\n")
         steps = {n: round(args.steps * speeds[n] / speeds[args.baseline] * tokens_per_step(args.baseline)
                           / tokens_per_step(n)) for n in names}
@@ -285,7 +275,8 @@ def main() -> None:
         if results_file.exists() else set()
     if args.baseline_from:  # every seed's run of the same steps, scored the same way, or nothing
         rows = map(json.loads, results_file.read_text().splitlines()) if results_file.exists() else []
-        earlier = [r for r in rows if r["tag"] == args.baseline_from and r["name"] == args.baseline and r["seed"] in seeds]
+        earlier = [r for r in rows
+                   if r["tag"] == args.baseline_from and r["name"] == args.baseline and r["seed"] in seeds]
         if ({r["seed"] for r in earlier} != set(seeds) or {r["steps"] for r in earlier} != {steps[args.baseline]}
                 or any(r.get("eval", args.eval) != args.eval for r in earlier)):  # rows before 2026-12-02 lack "eval"
             sys.exit(f"recipe: {args.baseline_from} lacks {args.baseline} runs of {steps[args.baseline]} steps, "
@@ -317,7 +308,8 @@ def main() -> None:
                 e = json.loads(ev.read_text())
             else:  # the trainer's last estimate on the test split's first eval_tokens tokens
                 test = json.loads((data[ds] / "meta.json").read_text())["splits"]["test"]
-                e = {"loss": rec["test_loss"], "bits_per_byte": rec["test_loss"] / math.log(2) * test["tokens"] / test["bytes"]}
+                bits_per_byte = rec["test_loss"] / math.log(2) * test["tokens"] / test["bytes"]
+                e = {"loss": rec["test_loss"], "bits_per_byte": bits_per_byte}
             row = {"tag": tag, "name": name, "seed": seed, "steps": n, "tokens": n * tokens_per_step(name),
                    "test_loss": e["loss"], "test_bpb": e["bits_per_byte"], "train_loss": rec["loss"],
                    "val_loss": rec.get("val_loss"), "train_s": round(train_s, 1),
