@@ -28,9 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -88,12 +90,56 @@ CONFIGS: dict[str, tuple[list[str], str]] = {
     "new+3heads+adam8e-3": (MUON + ["--muon-lr", "1e-2", "--learning-rate", "8e-3", "--min-lr", "8e-4"] + LLAMA
                             + ["--n-head", "3"], "all"),
 }
+# round 3, around `tiny` as of round 2 (4 x 128): learning rates for the narrower model, tokens per
+# step, depth, head count, the block options not yet tried alone, vocabulary size
+TINY = MUON + ["--muon-lr", "1e-2"] + LLAMA + ["--n-embd", "128", "--n-head", "2"]
+CONFIGS.update({
+    "tiny": (TINY, "all"),
+    "tiny+muon2e-2": (TINY + ["--muon-lr", "2e-2"], "all"),
+    "tiny+muon3e-2": (TINY + ["--muon-lr", "3e-2"], "all"),
+    "tiny+adam8e-3": (TINY + ["--learning-rate", "8e-3", "--min-lr", "8e-4"], "all"),
+    "tiny+min-lr0": (TINY + ["--min-lr", "0"], "all"),
+    "tiny+batch32": (TINY + ["--batch-size", "32"], "all"),
+    "tiny+3x128": (TINY + ["--n-layer", "3"], "all"),
+    "tiny+6x128": (TINY + ["--n-layer", "6"], "all"),
+    "tiny+1head": (TINY + ["--n-head", "1"], "all"),
+    "tiny+relu2": (TINY + ["--mlp", "relu2"], "all"),
+    "tiny+qk_norm": (TINY + ["--qk-norm", "true"], "all"),
+    "tiny+zero_init": (TINY + ["--zero-init-proj", "true"], "all"),
+    "tiny+untied": (TINY + ["--tie-embeddings", "false"], "all"),
+    "tiny+bpe-2048": (TINY, "all-2048"),
+    "tiny+bpe-8192": (TINY, "all-8192"),
+    "tiny+compile": (TINY + ["--compile-cpu", "true"], "all"),  # its compile time is charged to its budget
+})
+# round 4: AdamW's learning rate (the embeddings and output layer) was the lever at 128 wide
+ADAM8 = ["--learning-rate", "8e-3", "--min-lr", "8e-4"]
+ADAM16 = ["--learning-rate", "1.6e-2", "--min-lr", "1.6e-3"]
+ADAM32 = ["--learning-rate", "3.2e-2", "--min-lr", "3.2e-3"]
+CONFIGS.update({
+    "tiny+adam1.6e-2": (TINY + ["--learning-rate", "1.6e-2", "--min-lr", "1.6e-3"], "all"),
+    "tiny+adam8e-3+muon5e-3": (TINY + ADAM8 + ["--muon-lr", "5e-3"], "all"),
+    "tiny+adam8e-3+1head": (TINY + ADAM8 + ["--n-head", "1"], "all"),
+    "tiny+adam8e-3+3x128": (TINY + ADAM8 + ["--n-layer", "3"], "all"),
+    "tiny+adam8e-3+3x128+1head": (TINY + ADAM8 + ["--n-layer", "3", "--n-head", "1"], "all"),
+    "tiny+adam8e-3+compile": (TINY + ADAM8 + ["--compile-cpu", "true"], "all"),
+    "tiny+adam8e-3+3x128+compile": (TINY + ADAM8 + ["--n-layer", "3", "--compile-cpu", "true"], "all"),
+    "tiny+adam3.2e-2": (TINY + ["--learning-rate", "3.2e-2", "--min-lr", "3.2e-3"], "all"),
+    "tiny+adam1.6e-2+3x128+1head": (TINY + ADAM16 + ["--n-layer", "3", "--n-head", "1"], "all"),
+    "tiny+adam1.6e-2+3x128+1head+compile": (TINY + ADAM16 + ["--n-layer", "3", "--n-head", "1", "--compile-cpu", "true"],
+                                            "all"),
+    # round 5's choice, 3 x 128 with one head of 128, AdamW at 3.2e-2: eager, and compiled as the demo runs it
+    "new3": (TINY + ADAM32 + ["--n-layer", "3", "--n-head", "1"], "all"),
+    "new3+compile": (TINY + ADAM32 + ["--n-layer", "3", "--n-head", "1", "--compile-cpu", "true"], "all"),
+    "tiny+adam8e-3+3x128+1head+compile": (TINY + ADAM8 + ["--n-layer", "3", "--n-head", "1", "--compile-cpu", "true"],
+                                          "all"),
+})
 
 TRAIN_FILES = ["TinyStoriesV2-train.sample.txt"]
 ALL_TRAIN_FILES = ["TinyStories-train.head.txt", "TinyStoriesV2-train.head.txt", "TinyStoriesV2-train.sample.txt"]
 TEST_FILE = SHARED / "tinystories" / "TinyStoriesV2-valid.head.txt"  # the V2 validation slice
 DATASETS = {"v2": (TRAIN_FILES, 4096), "all": (ALL_TRAIN_FILES, 4096),
-            "v2-2048": (TRAIN_FILES, 2048), "v2-8192": (TRAIN_FILES, 8192)}
+            "v2-2048": (TRAIN_FILES, 2048), "v2-8192": (TRAIN_FILES, 8192),
+            "all-2048": (ALL_TRAIN_FILES, 2048), "all-8192": (ALL_TRAIN_FILES, 8192)}
 
 
 def tinystories(*args, log: Path | None = None) -> None:
@@ -134,6 +180,8 @@ def probe_speeds(out: Path, names: list[str], data: dict[str, Path], rounds: int
     """
     if clock == "interleaved":
         return interleaved_speeds(names, data, rounds)
+    if any("--compile-cpu" in CONFIGS[n][0] for n in names):
+        sys.exit("recipe: --probe-clock wall leaves out compile time; probe --compile-cpu configurations interleaved")
     speeds: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names:
@@ -155,7 +203,9 @@ def interleaved_speeds(names: list[str], data: dict[str, Path], rounds: int) -> 
     neighbouring steps alike. Each round times one step per configuration; a configuration's speed
     is the baseline's median speed times the median over rounds of its speed ratio to the first
     name's in the same round. The step is the trainer's (`train._loop`): forward and loss under
-    its autocast, backward, clipping, every optimizer, on real batches of its data."""
+    its autocast, backward, clipping, every optimizer, on real batches of its data; with
+    --compile-cpu, through torch.compile, whose first step's extra seconds (the compile, with an
+    empty inductor cache: see main) go to COMPILE_S[name]."""
     import torch
 
     from tinystories.allocator import keep_freed_memory
@@ -176,15 +226,16 @@ def interleaved_speeds(names: list[str], data: dict[str, Path], rounds: int) -> 
         model = GPT(model_cfg)
         batches = EpochWindows(open_split(args.data, "train"), model_cfg.block_size, cfg.batch_size, cfg.seed)
         sides[name] = (model, make_optimizers(model, cfg, cpu), batches, cfg,
-                       torch.autocast("cpu", dtype=pick_dtype(cpu, cfg.dtype)))
+                       torch.autocast("cpu", dtype=pick_dtype(cpu, cfg.dtype)),
+                       torch.compile(model) if cfg.compile_cpu else model)
 
     def step(name: str) -> float:
-        model, optimizers, batches, cfg, autocast = sides[name]
+        model, optimizers, batches, cfg, autocast, forward = sides[name]
         t0 = time.perf_counter()
         for _ in range(cfg.grad_accum):
             x, y = batches.next_batch(cpu)
             with autocast:
-                _, loss = model(x, y)
+                _, loss = forward(x, y)
             (loss / cfg.grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         for optimizer in optimizers.values():
@@ -192,6 +243,7 @@ def interleaved_speeds(names: list[str], data: dict[str, Path], rounds: int) -> 
             optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
+    first_step = {name: step(name) for name in names}  # a compiled configuration compiles here
     for _ in range(3):  # warm-up: allocator, kernels' first calls
         for name in names:
             step(name)
@@ -205,7 +257,14 @@ def interleaved_speeds(names: list[str], data: dict[str, Path], rounds: int) -> 
                                    for t, t0 in zip(times[n], times[first])) for n in names}
     print("interleaved probe, tokens/s relative to " + first + ": "
           + ", ".join(f"{n} {ratios[n]:.3f}" for n in names), flush=True)
+    for n in names:
+        if sides[n][3].compile_cpu:
+            COMPILE_S[n] = round(first_step[n] - statistics.median(times[n]), 1)
+            print(f"{n}: compiling took {COMPILE_S[n]:.1f} s", flush=True)
     return {n: round(base_speed * ratios[n], 1) for n in names}
+
+
+COMPILE_S: dict[str, float] = {}  # configuration -> seconds its first compiled step took beyond a step
 
 
 def tokens_per_step(name: str) -> int:
@@ -254,18 +313,27 @@ def main() -> None:
     data = {ds: prepare(out, ds) for ds in {CONFIGS[n][1] for n in names}}
     steps = {n: args.steps * tokens_per_step(args.baseline) // tokens_per_step(n) for n in names}
     speeds = None
+    compile_s: dict[str, float] = {}
     if args.equal == "time":
         # one set of probes per ablation, so that runs split over several processes share their steps
         probes = out / f"probes-{tag}.json"
-        if probes.exists() and set(json.loads(probes.read_text())) >= set(names):
-            speeds = json.loads(probes.read_text())
+        saved = json.loads(probes.read_text()) if probes.exists() else {}
+        saved = saved if "tokens_per_s" in saved else {"tokens_per_s": saved, "compile_s": {}}  # files before compile
+        if set(saved["tokens_per_s"]) >= set(names):
+            speeds, compile_s = saved["tokens_per_s"], saved["compile_s"]
         else:
             rounds = args.probe_rounds or (20 if args.probe_clock == "interleaved" else 3)
+            # compile from an empty inductor cache, as a first run on a machine does (the training
+            # runs then find the kernels cached, so charging them this time is on the safe side)
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="recipe-inductor-")
             speeds = probe_speeds(out, names, data, rounds, args.probe_clock)
-            probes.write_text(json.dumps(speeds, indent=1) + "\n")
-        steps = {n: round(args.steps * speeds[n] / speeds[args.baseline] * tokens_per_step(args.baseline)
-                          / tokens_per_step(n)) for n in names}
-        print("probe speeds (tokens/s): " + ", ".join(f"{n} {speeds[n]:,.0f}" for n in names), flush=True)
+            compile_s = dict(COMPILE_S)
+            probes.write_text(json.dumps({"tokens_per_s": speeds, "compile_s": compile_s}, indent=1) + "\n")
+        # the baseline's training time, less what a configuration spends compiling, at its speed
+        budget_s = args.steps * tokens_per_step(args.baseline) / speeds[args.baseline]
+        steps = {n: round((budget_s - compile_s.get(n, 0.0)) * speeds[n] / tokens_per_step(n)) for n in names}
+        print("probe speeds (tokens/s): " + ", ".join(f"{n} {speeds[n]:,.0f}" for n in names)
+              + "".join(f"; {n} compiles for {t:.0f} s of its {budget_s:.0f}" for n, t in compile_s.items()), flush=True)
 
     eval_tokens = 1 << 16 if args.eval == "full" else 1 << 18
     results_file = out / "results.jsonl"
@@ -313,7 +381,7 @@ def main() -> None:
             row = {"tag": tag, "name": name, "seed": seed, "steps": n, "tokens": n * tokens_per_step(name),
                    "test_loss": e["loss"], "test_bpb": e["bits_per_byte"], "train_loss": rec["loss"],
                    "val_loss": rec.get("val_loss"), "train_s": round(train_s, 1),
-                   "probe_tokens_per_s": speeds and speeds[name], "data": ds, "flags": flags, "eval": args.eval,
+                   "probe_tokens_per_s": speeds and speeds[name], "compile_s": compile_s.get(name), "data": ds, "flags": flags, "eval": args.eval,
                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
             with open(results_file, "a") as f:
                 f.write(json.dumps(row) + "\n")

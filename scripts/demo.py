@@ -100,7 +100,11 @@ def main() -> None:
     # Time a few steps first so the run fits the budget on this machine.
     probe = out / "probe"
     shutil.rmtree(probe, ignore_errors=True)
-    call("train", "--data", data, "--preset", "tiny", "--out", probe, "--max-steps", 6,
+    # --compile-cpu: torch.compile on the CPU (BENCHMARKS.md: faster steps for the seconds it takes to
+    # compile, which the probe pays; the run finds the compiled kernels in inductor's cache). Without
+    # a C++ compiler both stay eager and say so.
+    compile_cpu = ["--compile-cpu", "true"]
+    call("train", "--data", data, "--preset", "tiny", "--out", probe, "--max-steps", 6, *compile_cpu,
          "--eval-tokens", 256, "--eval-interval", 1000, "--log-interval", 1000)
     log = [json.loads(line) for line in (probe / "log.jsonl").read_text().splitlines()]
     speeds = sorted(r["tokens_per_s"] for r in log[1:])  # the first step pays for warm-up
@@ -109,7 +113,7 @@ def main() -> None:
     # ~15 % of the budget goes to the periodic evaluations and checkpoints
     steps = max(50, int(0.85 * args.minutes * 60 * tokens_per_s / log[0]["tokens"]))
     print(f"about {tokens_per_s:,.0f} tokens/s here: training {steps} steps of {log[0]['tokens']:,} tokens")
-    call("train", "--data", data, "--preset", "tiny", "--out", run, "--max-steps", steps,
+    call("train", "--data", data, "--preset", "tiny", "--out", run, "--max-steps", steps, *compile_cpu,
          "--eval-interval", max(25, steps // 8), "--checkpoint-interval", max(25, steps // 8),
          "--log-interval", max(10, steps // 25))
 

@@ -4,6 +4,7 @@ to one process, fp16 with the grad scaler, --init-from, the optimizer state load
 weights_only=True)."""
 
 import json
+import os
 import signal
 
 import pytest
@@ -175,3 +176,28 @@ def test_compiled_training_matches_eager_with_no_graph_break(layout):
             losses[mode].append(loss.item())
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4, abs=1e-4)
     assert losses["eager"][-1] < losses["eager"][0]
+
+
+@pytest.mark.slow
+def test_train_compile_cpu_trains_as_eager_does(tmp_path, small_data):
+    """`train --compile-cpu true` (what the demo runs): compiled steps on the CPU, the same losses as
+    eager within rounding (inductor fuses ops, so not bit for bit)."""
+    args = [*SMALL, *LLAMA, *MUON, "--max-steps", 4, "--warmup-steps", 2, "--dtype", "fp32"]
+    runs = {}
+    for mode in ("eager", "compiled"):
+        runs[mode] = run_cli("train", "--data", small_data, "--out", tmp_path / mode, *args,
+                             "--compile-cpu", "true" if mode == "compiled" else "false", check=True)
+    assert "compiling the model for this CPU" in runs["compiled"].stdout
+    assert "compiling" not in runs["eager"].stdout
+    eager, compiled = read_log(tmp_path / "eager"), read_log(tmp_path / "compiled")
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-4, abs=1e-4)
+
+
+def test_train_compile_cpu_without_a_compiler_trains_eagerly_with_a_note(tmp_path, small_data):
+    run = tmp_path / "run"
+    env = os.environ | {"CXX": str(tmp_path / "no-such-compiler")}
+    r = run_cli("train", "--data", small_data, "--out", run, *SMALL, "--max-steps", 2, "--compile-cpu", "true",
+                env=env, check=True)
+    assert "--compile-cpu needs a C++ compiler" in r.stdout and "training eagerly" in r.stdout
+    assert "compiling the model" not in r.stdout
+    assert len(read_log(run)) == 2

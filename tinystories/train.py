@@ -494,7 +494,9 @@ def _run(args) -> int:
         _truncate_log(out / "log.jsonl", start_step)
 
     raw_model = model  # checkpoints and evaluation use the plain module
-    if device.type == "cuda" and cfg.compile:
+    compiled = cfg.compile and (device.type == "cuda" or (device.type == "cpu" and cfg.compile_cpu
+                                                          and _cpu_can_compile(master)))
+    if compiled:
         model = torch.compile(model)
     if ddp:
         from torch.nn.parallel import DistributedDataParallel
@@ -509,6 +511,8 @@ def _run(args) -> int:
         print(f"training {preset}{origin}: {n_params / 1e6:.2f}M parameters ({raw_model.num_params(True) / 1e6:.2f}M non-embedding), "
               f"tokenizer {tokenizer.name}, {len(train_tokens):,} train tokens; steps {start_step} -> {total_steps} "
               f"of {tokens_per_step:,} tokens; {device} {run_config['dtype']}, {world_size} process(es)", flush=True)
+        if compiled and device.type == "cpu":
+            print("compiling the model for this CPU (--compile-cpu): the first step takes tens of seconds", flush=True)
         if cfg.warmup_steps >= total_steps:
             print(f"note: warmup_steps ({cfg.warmup_steps}) >= total steps ({total_steps}): the lr never reaches its peak", flush=True)
     try:
@@ -523,6 +527,20 @@ def _run(args) -> int:
     if ddp:
         dist.barrier()  # leave together: no rank exits while another still writes or logs
     return result
+
+
+def _cpu_can_compile(say: bool) -> bool:
+    """True where inductor finds the C++ compiler it builds CPU kernels with; else a note (if `say`)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+        return True
+    except Exception as e:  # InvalidCxxCompiler, or a private API that moved
+        if say:
+            print(f"note: --compile-cpu needs a C++ compiler (g++ or clang++; $CXX) that torch.compile can find "
+                  f"({type(e).__name__}); training eagerly", flush=True)
+        return False
 
 
 @dataclass
