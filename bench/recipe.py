@@ -127,6 +127,7 @@ CONFIGS.update({
     "tiny+adam1.6e-2+3x128+1head": (TINY + ADAM16 + ["--n-layer", "3", "--n-head", "1"], "all"),
     "tiny+adam1.6e-2+3x128+1head+compile": (TINY + ADAM16 + ["--n-layer", "3", "--n-head", "1", "--compile-cpu", "true"],
                                             "all"),
+    "new4+compile": (TINY + ADAM16 + ["--n-layer", "3", "--n-head", "1", "--compile-cpu", "true"], "all"),
     # round 5's choice, 3 x 128 with one head of 128, AdamW at 3.2e-2: eager, and compiled as the demo runs it
     "new3": (TINY + ADAM32 + ["--n-layer", "3", "--n-head", "1"], "all"),
     "new3+compile": (TINY + ADAM32 + ["--n-layer", "3", "--n-head", "1", "--compile-cpu", "true"], "all"),
