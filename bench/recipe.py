@@ -194,7 +194,7 @@ def probe_speeds(out: Path, names: list[str], data: dict[str, Path], rounds: int
     """
     if clock == "interleaved":
         return interleaved_speeds(names, data, rounds)
-    if any("--compile-cpu" in CONFIGS[n][0] for n in names):
+    if any(map(compiles, names)):
         sys.exit("recipe: --probe-clock wall leaves out compile time; probe --compile-cpu configurations interleaved")
     speeds: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
@@ -275,7 +275,6 @@ def interleaved_speeds(names: list[str], data: dict[str, Path], rounds: int) -> 
     for n in names:
         if sides[n][3].compile_cpu:
             COMPILE_S[n] = round(first_step[n] - statistics.median(times[n]), 1)
-            print(f"{n}: its first step took {COMPILE_S[n]:.1f} s more in this process", flush=True)
     return {n: round(base_speed * ratios[n], 1) for n in names}
 
 
@@ -295,10 +294,18 @@ def compile_seconds(out: Path, name: str) -> float:
     return json.loads(r.stdout.splitlines()[-1])[name]
 
 
-def tokens_per_step(name: str) -> int:
+def flag(name: str, option: str) -> str | None:
+    """The value configuration `name` trains with for `option` (the last one given), None if unset."""
     flags = BASE + CONFIGS[name][0]
-    value = lambda flag: int(flags[len(flags) - 1 - flags[::-1].index(flag) + 1])  # the last one given
-    return value("--batch-size") * value("--grad-accum") * value("--block-size")
+    return flags[len(flags) - flags[::-1].index(option)] if option in flags else None
+
+
+def tokens_per_step(name: str) -> int:
+    return int(flag(name, "--batch-size")) * int(flag(name, "--grad-accum")) * int(flag(name, "--block-size"))
+
+
+def compiles(name: str) -> bool:
+    return flag(name, "--compile-cpu") == "true"
 
 
 def main() -> None:
@@ -357,7 +364,7 @@ def main() -> None:
         else:
             rounds = args.probe_rounds or (20 if args.probe_clock == "interleaved" else 3)
             speeds = probe_speeds(out, names, data, rounds, args.probe_clock)
-            compile_s = {n: compile_seconds(out, n) for n in COMPILE_S}
+            compile_s = {n: compile_seconds(out, n) for n in names if compiles(n)}
             print("compile seconds, each in a fresh process from an empty cache: "
                   + ", ".join(f"{n} {t:.1f}" for n, t in compile_s.items()), flush=True)
             probes.write_text(json.dumps({"tokens_per_s": speeds, "compile_s": compile_s}, indent=1) + "\n")
