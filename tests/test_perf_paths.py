@@ -16,7 +16,7 @@ from tinystories.errors import UserError
 from tinystories.decoding import (Int8Linear, PackedLinear, decode_dtype, decoding_copy, int8_supported, pack_linears,
                                   quantize_per_channel)
 from tinystories.generate import generate
-from tinystories.loss import cross_entropy
+from tinystories.loss import chunk_rows, cross_entropy
 from tinystories.model import GPT
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
@@ -39,7 +39,7 @@ def random_model(vocab_size=512, seed=0, scale=3.0, **kw):
 @pytest.fixture
 def small_chunks(monkeypatch):
     # 7 rows per chunk at vocab 300: 100 rows make 15 chunks, the last one partial
-    monkeypatch.setattr(tinystories.loss, "_CHUNK_FLOATS", 7 * 300)
+    monkeypatch.setitem(tinystories.loss.CHUNK_FLOATS, "cpu", 7 * 300)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -57,6 +57,25 @@ def test_chunked_loss_and_gradient_equal_the_plain_ones(small_chunks, dtype):
     assert ours_grad.dtype == dtype
     assert torch.allclose(ours_grad.float(), plain_grad.float(), atol=1e-6 if dtype == torch.float32 else 1e-3, rtol=0)
     assert torch.all(ours_grad[::9] == 0)  # ignored rows get no gradient
+
+
+@pytest.mark.parametrize("device_type", ["cuda", "mps"])
+def test_the_gpu_chunk_sizes_give_the_plain_loss_and_gradient(device_type):
+    """Every device takes the chunked path, with its own chunk size: the GPUs' (1,024 rows at
+    50,257) run here on CPU tensors, at a vocabulary where 16,000 rows make several chunks."""
+    V = 50257
+    rows = chunk_rows(device_type, V)
+    assert rows == 1024
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(rows + 100, V, generator=g) * 3).requires_grad_()
+    targets = torch.randint(0, V, (len(logits),), generator=g)
+    targets[::11] = -1
+    plain = F.cross_entropy(logits, targets, ignore_index=-1)
+    (plain_grad,) = torch.autograd.grad(plain, logits)
+    ours = cross_entropy(logits, targets, chunk=rows)
+    (ours_grad,) = torch.autograd.grad(ours, logits)
+    assert abs(ours.item() - plain.item()) < 1e-5
+    assert torch.allclose(ours_grad, plain_grad, atol=1e-7, rtol=1e-4)
 
 
 def test_chunked_loss_of_only_ignored_targets_is_nan_like_the_plain_one():
