@@ -94,9 +94,10 @@ def _add_sampling(p) -> None:
 
 def _add_decode_dtype(p, default: str) -> None:
     """--dtype of the commands that write stories: the weights the cached decoder multiplies with."""
-    p.add_argument("--dtype", default=default, choices=["auto", "bf16", "int8", "fp32"],
+    p.add_argument("--dtype", default=default, choices=["auto", "bf16", "fp16", "int8", "fp32"],
                    help="the weights' dtype while writing (not autocast): auto = bf16 where the CPU or GPU "
-                        "multiplies bf16 natively, else the model's own; int8 (x86 CPUs) = int8 weights with one "
+                        "multiplies bf16 natively, fp16 on older CUDA GPUs (T4, V100) and Apple GPUs, else the "
+                        "model's own; fp16 (GPUs only); int8 (x86 CPUs) = int8 weights with one "
                         "scale per output channel, faster still at a small cost in loss (BENCHMARKS.md); "
                         "fp32 = exactly the model")
 

@@ -360,11 +360,16 @@ class TrainConfig:
     log_interval: int = _f(10, "print a console line every N steps (log.jsonl gets every step)")
     seed: int = _f(1337, "seed for initialisation, batches and dropout")
     device: str = _f("auto", "cuda, mps or cpu; auto picks the first available in that order")
-    dtype: str = _f("auto", "bf16, fp16 (with a grad scaler) or fp32; auto = bf16 where supported")
-    compile: bool = _f(True, "torch.compile the model on CUDA (ignored elsewhere)")
+    dtype: str = _f("auto", "bf16, fp16 (with a grad scaler) or fp32; auto = bf16 where the hardware has it "
+                            "(CUDA compute capability 8.0+, CPUs with AVX-512 BF16 or AMX), fp16 on older GPUs "
+                            "(T4, V100, P100), fp32 on Apple GPUs and other CPUs")
+    compile: bool = _f(True, "torch.compile the model on CUDA (checked first: compute capability 7.0+ and Triton; "
+                             "else eager with a note, and a compile that fails at the first step is retried eagerly)")
     compile_cpu: bool = _f(False, "torch.compile the model on the CPU as well (inductor: needs a C++ compiler, "
                                   "else training stays eager with a note; the first step compiles for tens of "
                                   "seconds, then steps run faster: measured in BENCHMARKS.md). The demo turns it on")
+    peak_tflops: float | None = _f(None, "the accelerator's peak TFLOP/s at the run's dtype, for the MFU figure "
+                                         "(default: from a table of GPUs by name and dtype; none for an unknown card)")
 
     def __post_init__(self) -> None:
         problems = type_problems(self)  # finite numbers, integers that fit in 64 bits, ...
@@ -400,6 +405,8 @@ class TrainConfig:
             problems.append(f"seed must be in [0, {SEED32_MAX}], got {self.seed}")
         if self.device not in ("auto", "cuda", "mps", "cpu") and not re.fullmatch(r"cuda:\d+", self.device):
             problems.append(f"device must be auto, cuda, cuda:N, mps or cpu, got {self.device!r}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            problems.append(f"peak_tflops must be positive, got {self.peak_tflops!r}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             problems.append(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
         if problems:

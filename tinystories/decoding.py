@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from tinystories.device import cpu_supports_bf16, cuda_capability, native_bf16
 from tinystories.errors import UserError
 from tinystories.hugepages import new_memory_on_huge_pages
 from tinystories.model import rope_angles, rotate
@@ -45,30 +46,45 @@ from tinystories.model import rope_angles, rotate
 
 
 def decode_dtype(device: torch.device, name: str = "auto") -> torch.dtype | None:
-    """The weight dtype for decoding: fp32, bf16, int8 (CPU only, see Int8Linear), or auto = bf16
-    where the hardware multiplies it natively (CPUs with AVX-512 BF16 or AMX, CUDA GPUs from Ampere
-    on), else the model's own (None)."""
+    """The weight dtype for decoding (see decode_dtype_choice)."""
+    return decode_dtype_choice(device, name)[0]
+
+
+def decode_dtype_choice(device: torch.device, name: str = "auto") -> tuple[torch.dtype | None, str]:
+    """The weight dtype for decoding, and why: fp32, bf16, fp16 (GPUs), int8 (CPU only, see
+    Int8Linear), or auto = bf16 where the hardware multiplies it natively (CPUs with AVX-512 BF16 or
+    AMX, CUDA GPUs from compute capability 8.0), fp16 on older CUDA GPUs and Apple GPUs, else the
+    model's own (None)."""
+    asked = f"as asked (--dtype {name})"
     if name == "fp32":
-        return torch.float32
+        return torch.float32, asked
     if name == "bf16":
-        return torch.bfloat16
+        return torch.bfloat16, asked
+    if name == "fp16":
+        if device.type == "cpu":
+            raise UserError("--dtype fp16 decodes on GPUs (CUDA, MPS); on the CPU use bf16, int8, fp32 or auto")
+        return torch.float16, asked
     if name == "int8":
         if device.type != "cpu":
             raise UserError(f"--dtype int8 decodes on the CPU only (PyTorch's fbgemm kernels); on {device.type} "
-                            "use --dtype bf16 or auto, or --device cpu")
+                            "use --dtype bf16, fp16 or auto, or --device cpu")
         if not int8_supported():
             raise UserError("--dtype int8 needs PyTorch's fbgemm kernels (x86 CPUs), which this PyTorch build "
                             "lacks; use --dtype bf16 or auto")
-        return torch.int8
+        return torch.int8, asked + ": int8 weights, one scale per output channel"
     if name != "auto":
-        raise UserError(f"unknown dtype {name!r}; use auto, bf16, int8 or fp32")
-    from tinystories.device import cpu_supports_bf16
-
-    if device.type == "cpu" and cpu_supports_bf16():
-        return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
+        raise UserError(f"unknown dtype {name!r}; use auto, bf16, fp16, int8 or fp32")
+    if device.type == "cpu":
+        if cpu_supports_bf16():
+            return torch.bfloat16, "bf16 weights, as the CPU multiplies bf16 natively (AVX-512 BF16 or AMX)"
+        return None, "the CPU has no native bf16"
+    if device.type == "cuda" and native_bf16(device):
+        return torch.bfloat16, "bf16 weights, as the GPU multiplies bf16 natively"
+    if device.type == "cuda":
+        major, minor = cuda_capability(device)
+        return torch.float16, (f"fp16 weights, as this GPU (compute capability {major}.{minor}) has no native bf16, "
+                               "only an emulation without tensor cores")
+    return torch.float16, "fp16 weights: Apple GPUs multiply fp16 natively"
 
 
 class PackedLinear(nn.Module):

@@ -150,8 +150,9 @@ def score_tokens(model, tokens: np.ndarray, eot_id: int, *, stride: int | None =
                 with autocast:
                     logits, _ = model(xt)  # (B, T, vocab_size)
                 nats = F.cross_entropy(logits.float().flatten(0, 1), yt.flatten(), ignore_index=-1, reduction="none")
-                # float64 sums, exact enough over billions of tokens (MPS has no float64: sum on the CPU)
-                total += (nats.cpu() if device.type == "mps" else nats).double().sum().item()
+                # float64 sums, exact enough over billions of tokens, made by numpy on the host: no
+                # float64 tensor on the device (MPS has none)
+                total += float(nats.cpu().numpy().astype(np.float64).sum())
                 scored = int((y != -1).sum())
                 count += scored
                 bar.update(scored)

@@ -50,7 +50,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from tinystories.decoding import DecodeStep, decode_dtype, decoding_copy
+from tinystories.decoding import DecodeStep, decode_dtype_choice, decoding_copy
 from tinystories.errors import UserError
 
 # A prefill computes the output layer at the last position only, so what grows with the prompt
@@ -347,7 +347,7 @@ def run(args) -> int:
     """
     from tinystories.checkpoint import load_checkpoint
     from tinystories.cli import MAX_NEW_TOKENS, MAX_SAMPLES, SEED_MAX
-    from tinystories.device import pick_device
+    from tinystories.device import describe, pick_device
 
     # The command line checks these as it parses them; here for callers that build `args` themselves.
     check_sampling(args.temperature, args.top_k, args.top_p)
@@ -360,7 +360,7 @@ def run(args) -> int:
         raise UserError(f"--seed must be an integer from 0 to 2**63 - 1, got {args.seed}")
     device = pick_device(args.device)
     # --dtype (auto: bf16 matmul weights where the hardware has bf16; see "Speed" above)
-    dtype = decode_dtype(device, args.dtype)
+    dtype, why = decode_dtype_choice(device, args.dtype)
     ckpt = load_checkpoint(args.checkpoint, device)
     model, tokenizer = ckpt.model, ckpt.tokenizer
     block_size = model.config.block_size
@@ -370,6 +370,8 @@ def run(args) -> int:
         print(f"tinystories generate: note: the prompt has {len(prompt_ids)} tokens, more than the "
               f"model's block_size {block_size}; the model sees only its last {block_size // 2}",
               file=sys.stderr)
+    # once nothing is left to refuse: a mistake stays a one-line error
+    print(f"tinystories generate: {describe(device, dtype, why)}", file=sys.stderr)
     seed = args.seed
     if seed is None:
         seed = secrets.randbits(63)

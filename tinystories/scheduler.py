@@ -374,7 +374,7 @@ class Scheduler:
         keys = torch.arange(L, device=idx.device)
         seen = keys[None, :] <= lengths[:, None]  # (S, L); a full ring: every key
         seen[:, 0] = True  # a row of no job sees something (no all-masked row, whose attention is NaN)
-        dtype = self.cache.k.dtype
+        dtype = torch.promote_types(self.cache.k.dtype, torch.float32)  # scores in fp32 (see _attend)
         masks = {None: _additive(seen, H, dtype)}
         for window in set(self.windows) - {None}:  # a local layer: the last `window` keys, itself included
             band = seen & (keys[None, :] > lengths[:, None] - window)
@@ -422,8 +422,12 @@ class Scheduler:
         and took ~1 ms a layer here anyway.
         """
         B = self.attention_block
+        out_dtype = q.dtype
+        # A 16-bit cache (the copy on a GPU) is attended in fp32, as SDPA's fused kernels do inside
+        # for `generate`: scores and probabilities rounded to 16 bits would move the text.
+        q = q.float()  # k and v block by block below (a no-op on the CPU's fp32 cache)
         spans = [(a, min(a + B, k.shape[1])) for a in range(0, n_keys, B)]
-        scores = [torch.baddbmm(mask[..., a:b], q, k[:, a:b].transpose(1, 2)) for a, b in spans]  # (S*H, 1, keys)
+        scores = [torch.baddbmm(mask[..., a:b], q, k[:, a:b].float().transpose(1, 2)) for a, b in spans]  # (S*H, 1, keys)
         # each row's maximum score (S * n_head, 1, 1): finite, as every row sees a key (_step's masks)
         m = scores[0].amax(dim=-1, keepdim=True)
         for block in scores[1:]:
@@ -432,8 +436,8 @@ class Scheduler:
         for (a, b), block in zip(spans, scores):
             p = (block - m).exp()
             l = p.sum(dim=-1, keepdim=True) if l is None else l + p.sum(dim=-1, keepdim=True)  # noqa: E741
-            o = torch.bmm(p, v[:, a:b]) if o is None else o + torch.bmm(p, v[:, a:b])
-        return o / l
+            o = torch.bmm(p, v[:, a:b].float()) if o is None else o + torch.bmm(p, v[:, a:b].float())
+        return (o / l).to(out_dtype)
 
     def _sample(self, job: Job, logits: Tensor) -> None:
         """The job's next token from its row of logits (V,), with its own generator; deliver it,

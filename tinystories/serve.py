@@ -845,8 +845,8 @@ def run(args) -> int:
     except ImportError:
         raise UserError("tinystories serve needs starlette and uvicorn: pip install 'tinystories[serve]'") from None
     from tinystories.checkpoint import load_checkpoint
-    from tinystories.decoding import decode_dtype
-    from tinystories.device import pick_device
+    from tinystories.decoding import decode_dtype_choice
+    from tinystories.device import describe, pick_device
 
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
@@ -855,7 +855,7 @@ def run(args) -> int:
     port = sock.getsockname()[1]
     try:
         device = pick_device(args.device)
-        dtype = decode_dtype(device, args.dtype)  # before the load: --dtype int8 on a GPU fails at once
+        dtype, why = decode_dtype_choice(device, args.dtype)  # before the load: --dtype int8 on a GPU fails at once
         ckpt = load_checkpoint(args.checkpoint, device)
         engine = Engine(ckpt, args.model_name or model_id_for(ckpt.path), args.max_tokens_cap, args.concurrency,
                         dtype)
@@ -863,6 +863,7 @@ def run(args) -> int:
         sock.close()
         raise
     app = create_app(engine)
+    print(f"tinystories serve: {describe(device, dtype, why)}", flush=True)
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     n_params = sum(p.numel() for p in engine.model.parameters())
     print(f"tinystories serve: {engine.model_id} ({n_params / 1e6:.2f}M parameters, {engine.tokenizer.name}) "

@@ -15,6 +15,7 @@ equal weights on CPU in fp32 (tests/test_train.py proves it).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -41,8 +42,9 @@ from tinystories.config import (
     TRAIN_PRESETS, ModelConfig, TrainConfig, from_dict, get_preset, load_json, overrides_from_args,
 )
 from tinystories.data import EpochWindows, load_data_tokenizer, open_split, read_meta
-from tinystories.device import pick_device, pick_dtype
+from tinystories.device import choose_dtype, cuda_capability, describe, pick_device
 from tinystories.errors import EXIT_STOPPED, UserError
+from tinystories.mfu import flops_per_token, peak_flops
 from tinystories.model import GPT
 from tinystories.outputs import check_output_dir
 from tinystories.tokenizer import check_same_tokenizer
@@ -119,22 +121,6 @@ def steps_for(cfg: TrainConfig, train_tokens: int, block_size: int) -> int:
         return cfg.max_steps
     tokens_per_step = cfg.batch_size * cfg.grad_accum * block_size
     return max(1, math.ceil(cfg.epochs * train_tokens / tokens_per_step))
-
-
-def flops_per_token(config: ModelConfig, n_params_non_embedding: int) -> float:
-    """Training FLOPs per token: 6N for the weights plus attention (PaLM paper, appendix B)."""
-    return 6 * n_params_non_embedding + 12 * config.n_layer * config.n_embd * config.block_size
-
-
-# Dense bf16 peak FLOP/s of GPUs we know, for MFU (vendor datasheets).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 def resolve_configs(args, data_meta: dict, saved: dict | None, init: dict | None = None) -> tuple[str, ModelConfig, TrainConfig]:
@@ -225,12 +211,13 @@ def estimate_loss(model, tokens: np.ndarray, block_size: int, batch_size: int, m
     Non-overlapping windows from the start of the split: the same tokens at every evaluation, so
     numbers are comparable across steps. (`tinystories evaluate` gives every token full context;
     here early positions of each window see less, so this reads slightly high.) Under DDP the
-    windows are shared out among ranks and the sums all-reduced.
+    windows are shared out among ranks and the sums all-reduced. Nothing in float64 touches the
+    device (MPS has none): each batch's mean comes back as a Python float, summed on the host.
     """
     T = min(block_size, len(tokens) - 1)
     n_windows = max(1, min(max_tokens, len(tokens) - 1) // T)
     starts = [i * T for i in range(n_windows)][rank::world_size]
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, tokens)
+    loss_sum, n_tokens = 0.0, 0  # Python floats are float64
     was_training = model.training
     model.eval()
     for i in range(0, len(starts), batch_size):
@@ -239,12 +226,14 @@ def estimate_loss(model, tokens: np.ndarray, block_size: int, batch_size: int, m
         with autocast:
             _, loss = model(batch[:, :-1], batch[:, 1:])
         n = batch[:, 1:].numel()
-        total[0] += loss.double() * n
-        total[1] += n
-    if world_size > 1:
-        dist.all_reduce(total)
+        loss_sum += loss.item() * n
+        n_tokens += n
     model.train(was_training)
-    return (total[0] / total[1]).item()
+    if world_size > 1:  # each rank's sums, in fp32 (a relative 6e-8: far below the 6 decimals logged)
+        total = torch.tensor([loss_sum, n_tokens], dtype=torch.float32, device=device)
+        dist.all_reduce(total)
+        loss_sum, n_tokens = total.tolist()
+    return loss_sum / n_tokens
 
 
 # -----------------------------------------------------------------------------
@@ -301,6 +290,8 @@ def _rng_state(device: torch.device, world_size: int) -> dict:
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
+    if device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     if world_size > 1:  # each rank has its own dropout stream; rank 0 saves them all
         gathered = [None] * world_size
         dist.all_gather_object(gathered, state)
@@ -308,11 +299,19 @@ def _rng_state(device: torch.device, world_size: int) -> dict:
     return {"per_rank": [state]}
 
 
-def _set_rng_state(state: dict, device: torch.device, rank: int) -> None:
+def _set_rng_state(state: dict, device: torch.device, rank: int, fresh_seed: int, step: int) -> None:
+    """This rank's saved RNG states. The data position is global (EpochWindows), so a run may resume
+    with another number of processes: a rank the run did not have starts its dropout stream from
+    `fresh_seed` mixed with the resumed step (only dropout draws from it)."""
+    if rank >= len(state["per_rank"]):
+        torch.manual_seed(fresh_seed * 1_000_003 + step)  # within 64 bits: seeds are 32-bit
+        return
     mine = state["per_rank"][rank]
     torch.set_rng_state(mine["torch"])
     if device.type == "cuda" and "cuda" in mine:
         torch.cuda.set_rng_state(mine["cuda"], device)
+    if device.type == "mps" and "mps" in mine:
+        torch.mps.set_rng_state(mine["mps"])
 
 
 def _truncate_log(path: Path, last_step: int) -> None:
@@ -427,17 +426,28 @@ def _run(args) -> int:
     # --- processes and devices ------------------------------------------------------------
     if ddp:
         use_cuda = torch.cuda.is_available() and cfg.device != "cpu"
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if use_cuda else torch.device("cpu")
         if use_cuda:
-            torch.cuda.set_device(device)
+            # this rank's GPU first, then NCCL bound to it (device_id): no rank touches GPU 0 by mistake
+            device = pick_device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            device = torch.device("cpu")
+            dist.init_process_group("gloo")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
         if cfg.grad_accum % world_size:
             raise UserError(f"grad_accum ({cfg.grad_accum}) must be divisible by the number of processes ({world_size})")
     else:
         rank, world_size, device = 0, 1, pick_device(cfg.device)
     master = rank == 0
-    dtype = pick_dtype(device, cfg.dtype)
+    dtype, dtype_why = choose_dtype(device, cfg.dtype)
+    if master:
+        print(f"tinystories train: {describe(device, dtype, dtype_why)}", flush=True)
+    if cfg.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        raise UserError(f"the Muon optimizer needs torch 2.9 or newer (this is torch {torch.__version__}): "
+                        "pip install 'torch>=2.9', or train with --optimizer adamw")
+    if cfg.optimizer == "muon" and device.type == "mps" and not torch.backends.mps.is_macos_or_newer(14, 0):
+        raise UserError("the Muon optimizer orthogonalises its updates in bf16, which Apple GPUs have from macOS 14 "
+                        "on; update macOS, or train with --optimizer adamw")
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     if device.type == "cpu":
         keep_freed_memory()  # reuse freed activations instead of mapping them afresh every step
@@ -470,9 +480,12 @@ def _run(args) -> int:
             optimizer.load_state_dict(state["optimizer" if name == "adamw" else name])
             for group, peak_lr in zip(optimizer.param_groups, peaks):
                 group["peak_lr"] = peak_lr
-        scaler.load_state_dict(state["scaler"])
+        if scaler.is_enabled() and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        elif scaler.is_enabled() and master:  # saved without loss scaling (bf16, fp32): start the scale afresh
+            print("note: the run was saved without fp16 loss scaling; the grad scaler starts afresh", flush=True)
         batches.load_state_dict(state["data"])
-        _set_rng_state(state["rng"], device, rank)
+        _set_rng_state(state["rng"], device, rank, cfg.seed + 1 + rank, state["step"])
         start_step, best_val_loss = state["step"], state["best_val_loss"]
         if start_step >= total_steps:
             raise UserError(f"the run is already at step {start_step} of {total_steps}; raise --max-steps to go on")
@@ -494,14 +507,9 @@ def _run(args) -> int:
         _truncate_log(out / "log.jsonl", start_step)
 
     raw_model = model  # checkpoints and evaluation use the plain module
-    compiled = cfg.compile and (device.type == "cuda" or (device.type == "cpu" and cfg.compile_cpu
-                                                          and _cpu_can_compile(master)))
-    if compiled:
-        model = torch.compile(model)
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    compiled = cfg.compile and ((device.type == "cuda" and _cuda_can_compile(device, master))
+                                or (device.type == "cpu" and cfg.compile_cpu and _cpu_can_compile(master)))
+    model = wrap_model(raw_model, compiled, ddp, device)
 
     stop = StopRequest()
     stop.install()
@@ -520,13 +528,41 @@ def _run(args) -> int:
             model=model, raw_model=raw_model, optimizers=optimizers, scaler=scaler, batches=batches,
             eval_splits=eval_splits, tokenizer=tokenizer, cfg=cfg, autocast=autocast, device=device, out=out,
             data_dir=args.data, total_steps=total_steps, tokens_per_step=tokens_per_step, stop=stop, rank=rank,
-            world_size=world_size, step=start_step, best_val_loss=best_val_loss,
+            world_size=world_size, step=start_step, best_val_loss=best_val_loss, dtype=dtype, compiled=compiled,
         ))
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        resumable = (out / "checkpoints" / "last").exists()
+        raise UserError(out_of_memory_message(device, cfg, model_cfg.block_size, resumable)) from None
     finally:
         stop.uninstall(ddp)
     if ddp:
         dist.barrier()  # leave together: no rank exits while another still writes or logs
     return result
+
+
+def wrap_model(raw_model: GPT, compiled: bool, ddp: bool, device: torch.device) -> torch.nn.Module:
+    """What the training steps run: the model, compiled and/or wrapped in DDP."""
+    model = torch.compile(raw_model) if compiled else raw_model
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def _cuda_can_compile(device: torch.device, say: bool) -> bool:
+    """True where torch.compile can build kernels for this GPU: Triton installed (it is not on
+    Windows) and compute capability 7.0 or more (Triton's floor: a P100 is 6.0); else a note."""
+    problem = None
+    if cuda_capability(device) < (7, 0):
+        problem = "Triton needs a GPU of compute capability 7.0 or more (this one is {}.{})".format(*cuda_capability(device))
+    elif importlib.util.find_spec("triton") is None:
+        problem = "Triton is not installed (pip install triton; there is none for Windows)"
+    if problem and say:
+        print(f"note: not compiling the model (torch.compile): {problem}; training eagerly", flush=True)
+    return problem is None
 
 
 def _cpu_can_compile(say: bool) -> bool:
@@ -566,6 +602,8 @@ class Loop:
     world_size: int
     step: int  # optimizer steps done
     best_val_loss: float
+    dtype: torch.dtype = torch.float32  # the autocast dtype (for the MFU peak)
+    compiled: bool = False  # model is torch.compile'd (a failure at its first step falls back to eager)
 
     def trainer_state(self) -> dict:
         """Everything `--resume` needs besides the weights; tensors and plain values only."""
@@ -581,8 +619,8 @@ def _loop(r: Loop) -> int:
     cfg, raw_model, optimizers, scaler, device, out = r.cfg, r.raw_model, r.optimizers, r.scaler, r.device, r.out
     master = r.rank == 0
     accum = cfg.grad_accum // r.world_size
-    peak = peak_flops(device)
-    flops_token = flops_per_token(raw_model.config, raw_model.num_params(non_embedding=True))
+    peak = peak_flops(device, r.dtype, cfg.peak_tflops)
+    flops_token = flops_per_token(raw_model)
     log_file = open(out / "log.jsonl", "a") if master else None
     bar = tqdm(total=r.total_steps, initial=r.step, unit="step", disable=not master or None, dynamic_ncols=True)
     started = time.perf_counter()
@@ -617,16 +655,7 @@ def _loop(r: Loop) -> int:
         for optimizer in optimizers.values():
             for group in optimizer.param_groups:  # each group at its own peak, all on one schedule
                 group["lr"] = group["peak_lr"] * lr / cfg.learning_rate
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            x, y = r.batches.next_batch(device)
-            # under DDP, all-reduce gradients only on the last micro-batch of the step
-            sync = r.model.no_sync() if r.world_size > 1 and micro < accum - 1 else nullcontext()
-            with sync:
-                with r.autocast:
-                    _, loss = r.model(x, y)
-                scaler.scale(loss / accum).backward()
-            loss_sum += loss.detach()
+        loss_sum = _first_compiled_step(r, accum) if r.compiled else _forward_backward(r, accum)
         for optimizer in optimizers.values():
             scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
@@ -638,24 +667,47 @@ def _loop(r: Loop) -> int:
                 f"loss became {loss_value} at step {step + 1} (grad norm {grad_norm.item():.3g}); the last good "
                 f"checkpoint is {out / 'checkpoints' / 'last'}. Lower --learning-rate or try --dtype fp32, then --resume"
             )
-        if torch.isfinite(grad_norm):  # fp16: an overflow anywhere skips every optimizer's step ...
+        skipped = not torch.isfinite(grad_norm)  # fp16: an overflow anywhere skips every optimizer's step ...
+        if not skipped:
             for optimizer in optimizers.values():
                 scaler.step(optimizer)
+        scale = scaler.get_scale() if scaler.is_enabled() else None
         scaler.update()  # ... and the scaler lowers its scale (found in unscale_)
         for optimizer in optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         r.step = done = step + 1
 
+        _synchronize(device)  # GPUs run ahead of Python: time the step's work, not its launch
         dt = time.perf_counter() - t0
         record = {"step": done, "tokens": done * r.tokens_per_step, "loss": round(loss_value, 6), "lr": lr,
-                  "grad_norm": round(grad_norm.item(), 6), "tokens_per_s": round(r.tokens_per_step / dt, 1)}
+                  "grad_norm": None if skipped else round(grad_norm.item(), 6),
+                  "tokens_per_s": round(r.tokens_per_step / dt, 1)}
+        if scale is not None:
+            record["loss_scale"] = scale
+        if skipped:
+            record["skipped"] = True  # the weights did not move; the scale was halved
+            if master:
+                bar.write(f"step {done:>6}/{r.total_steps} | fp16 overflow at loss scale {scale:g}: step skipped, "
+                          "scale halved (a few of these early on are normal)")
         if peak is not None:
             record["mfu"] = round(flops_token * r.tokens_per_step / dt / (peak * r.world_size), 4)
         if done % cfg.eval_interval == 0 or done == r.total_steps:
-            for split, tokens in r.eval_splits.items():
-                loss = estimate_loss(raw_model, tokens, raw_model.config.block_size, cfg.batch_size,
-                                     cfg.eval_tokens, device, r.autocast, r.rank, r.world_size)
-                record[f"{split}_loss"] = round(loss, 6)
+            try:
+                for split, tokens in r.eval_splits.items():
+                    loss = estimate_loss(raw_model, tokens, raw_model.config.block_size, cfg.batch_size,
+                                         cfg.eval_tokens, device, r.autocast, r.rank, r.world_size)
+                    record[f"{split}_loss"] = round(loss, 6)
+            except Exception:
+                # The step itself is done: keep it, so that the run resumes here once the cause is
+                # fixed (the evaluation comes before the checkpoint of the same step).
+                if r.world_size == 1:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                    try:
+                        save_last(val_loss)
+                    except Exception:  # noqa: BLE001 - the evaluation's error is the one to report
+                        pass
+                raise
             val_loss = record.get("val_loss")
             if val_loss is not None and val_loss < r.best_val_loss:
                 r.best_val_loss = val_loss
@@ -692,3 +744,90 @@ def _loop(r: Loop) -> int:
               f"final train loss {loss_value:.4f}, best val loss {best} ({r.tokenizer.name} tokens)\n"
               f"checkpoints: {out / 'checkpoints' / 'best'} (best val loss), {out / 'checkpoints' / 'last'}", flush=True)
     return 0
+
+
+def _forward_backward(r: Loop, accum: int) -> torch.Tensor:
+    """One optimizer step's micro-batches, forward and backward: the summed loss (on the device)."""
+    loss_sum = torch.zeros((), device=r.device)
+    for micro in range(accum):
+        x, y = r.batches.next_batch(r.device)
+        # under DDP, all-reduce gradients only on the last micro-batch of the step
+        sync = r.model.no_sync() if r.world_size > 1 and micro < accum - 1 else nullcontext()
+        with sync:
+            with r.autocast:
+                loss = r.model(x, y)[1]  # the logits are not kept past the loss (which saves what it needs)
+            r.scaler.scale(loss / accum).backward()
+        loss_sum += loss.detach()
+    return loss_sum
+
+
+def _first_compiled_step(r: Loop, accum: int) -> torch.Tensor:
+    """The first step of a compiled model, where torch.compile builds its kernels: if that fails
+    (a Triton or compiler problem the up-front checks did not see), the step is done again eagerly
+    from the same batches and random state, with a note, and the run goes on eagerly."""
+    r.compiled = False  # whatever happens, the steps after this one need no check
+    data, rng = r.batches.state_dict(), _local_rng_state(r.device)
+    try:
+        return _forward_backward(r, accum)
+    except (UserError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - any compiler failure; the eager retry shows a real bug again
+        if r.rank == 0:
+            print(f"note: torch.compile failed at the first step ({_one_line(e)}); training eagerly", flush=True)
+        for optimizer in r.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        r.batches.load_state_dict(data)
+        _set_local_rng_state(r.device, rng)
+        r.model = wrap_model(r.raw_model, False, r.world_size > 1, r.device)
+        return _forward_backward(r, accum)
+
+
+def _local_rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_local_rng_state(device: torch.device, state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or MPS's and the CPU allocator's RuntimeError for the same."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def out_of_memory_message(device: torch.device, cfg: TrainConfig, block_size: int, resumable: bool) -> str:
+    """One line for an out-of-memory error: what ran out, and the flags that halve the micro-batch
+    while keeping the tokens per optimizer step (and so the recipe) as they are."""
+    B, A = cfg.batch_size, cfg.grad_accum
+    size = ""
+    if device.type == "cuda":
+        size = f" ({torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB)"
+    smaller = next((b for b in range(B // 2, 0, -1) if B % b == 0), None)
+    if smaller is None:
+        remedy = ("the micro-batch is already one sequence: use a smaller --block-size or model, or free the "
+                  "device of other programs")
+    else:
+        remedy = (f"keep the {B * A * block_size:,} tokens per step with smaller micro-batches: "
+                  f"--batch-size {smaller} --grad-accum {A * B // smaller}")
+    resume = "; then continue with --resume and those flags" if resumable else ""
+    return f"out of memory on {device}{size} with micro-batches of {B} x {block_size} tokens; {remedy}{resume}"
