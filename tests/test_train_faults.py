@@ -20,6 +20,7 @@ import pytest
 from conftest import REPO, run_cli
 from test_train import SMALL, read_log, torchrun_cmd, torchrun_train, weights
 from tinystories.errors import EXIT_STOPPED
+from tinystories.runlock import LOCK_FILE
 
 
 def one_line_error(r, code=2):
@@ -30,8 +31,10 @@ def one_line_error(r, code=2):
 
 
 def snapshot(folder: Path) -> dict:
-    """Every file under `folder` with its bytes, to prove a failed command changed nothing."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file under `folder` with its bytes, to prove a failed command changed nothing. The run
+    lock's file is left out: every command that trains there takes the lock and writes its pid."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != LOCK_FILE}
 
 
 def file_size_limit(n_bytes):

@@ -168,11 +168,36 @@ def read_checkpoint_config(path) -> dict:
 
 
 def load_checkpoint(path, device="cpu") -> Checkpoint:
-    """Load model (eval mode, on `device`) and tokenizer from a checkpoint or run folder."""
+    """Load model (eval mode, on `device`) and tokenizer from a checkpoint or run folder.
+
+    A training run may save the same checkpoint meanwhile (`checkpoints/last` is replaced every
+    checkpoint_interval steps): then config.json and the weights read here can come from two saves
+    and disagree. A save swaps whole folders, so the folder read is no longer the folder at that
+    path; when loading fails and that happened, it is loaded once more from the new folder.
+    """
+    folder = resolve_checkpoint(path)
+    identity = _identity(folder)
+    try:
+        return _load(folder, device)
+    except (UserError, OSError):  # OSError: a file deleted with the old folder between two reads
+        if _identity(folder) == identity:
+            raise  # the folder is still the one read: the damage is real
+        return _load(resolve_checkpoint(path), device)
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    """What tells one folder from another that took its name (device and inode), None if gone."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _load(folder: Path, device) -> Checkpoint:
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    folder = resolve_checkpoint(path)
     config = read_checkpoint_config(folder)
     model_config = ModelConfig.from_dict(config["model"])
     tokenizer = Tokenizer.load(folder)

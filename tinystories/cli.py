@@ -21,7 +21,7 @@ import sys
 
 from tinystories import __version__
 from tinystories.config import PRESETS, ModelConfig, TrainConfig, add_dataclass_args
-from tinystories.errors import EXIT_STOPPED, UserError
+from tinystories.errors import EXIT_STOPPED, UserError, one_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return getattr(module, function_name)(args) or 0
     except UserError as e:
-        print(f"tinystories {args.command}: error: {e}", file=sys.stderr)
+        print(f"tinystories {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"tinystories {args.command}: interrupted", file=sys.stderr)

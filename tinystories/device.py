@@ -18,6 +18,8 @@ What `auto` picks for training, and why:
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from tinystories.errors import UserError
@@ -118,6 +120,26 @@ def choose_dtype(device: torch.device, name: str = "auto") -> tuple[torch.dtype,
 def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
     """The autocast dtype alone (see choose_dtype)."""
     return choose_dtype(device, name)[0]
+
+
+def memory_of(device: torch.device) -> int | None:
+    """Bytes of memory a program can have on `device` (None where it cannot be told): a GPU's total,
+    an Apple GPU's recommended working set, the CPU's available memory (Linux) or physical memory."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[1]
+        if device.type == "mps":
+            return torch.mps.recommended_max_memory()
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, AttributeError, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def describe(device: torch.device, dtype: torch.dtype | None, why: str) -> str:

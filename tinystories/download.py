@@ -43,7 +43,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinystories.errors import UserError
+from tinystories.errors import UserError, one_line
 
 HF_REPO = "roneneldan/TinyStories"
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -149,7 +149,7 @@ def download(url: str, dest: Path, *, retries: int = 3, backoff_s: float = 1.0, 
                     f"the download of {url} broke off after {have:,} bytes ({e}); run the same command "
                     "again to resume it"
                 ) from None
-            print(f"connection lost after {have:,} bytes ({e}); resuming", file=sys.stderr)
+            print(f"connection lost after {have:,} bytes ({one_line(e)}); resuming", file=sys.stderr)
             time.sleep(backoff_s * (attempt + 1))
 
     size = part.stat().st_size

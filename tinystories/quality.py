@@ -134,6 +134,7 @@ def read_paper_prompts(path) -> list[str]:
             raise UserError(f"prompt file {path}: item {i} is a YAML {_yaml_kind(prompt)}; {expected}")
         if not prompt.strip():
             raise UserError(f"prompt file {path}: item {i} is empty; {expected}")
+    _check_count(data, path)
     return data
 
 
@@ -148,11 +149,28 @@ def _parse_lines(text: str, path) -> list[str]:
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise UserError(f"prompt file {path} holds no story beginnings (one per line)")
+    _check_count(prompts, path)
     return prompts
+
+
+def _check_count(prompts: list, path) -> None:
+    if len(prompts) > MAX_PROMPTS:
+        raise UserError(f"prompt file {path} holds {len(prompts):,} beginnings; a prompt set is at most "
+                        f"{MAX_PROMPTS:,} (each is completed, and scored, one by one)")
+
+
+# A prompt set is dozens of beginnings (the paper's has 44), each completed several times: a file
+# past these limits is a mistake (the wrong file), and would take days to complete.
+MAX_PROMPT_FILE_BYTES = 4 << 20
+MAX_PROMPTS = 10_000
 
 
 def _read_bytes(path) -> bytes:
     try:
+        size = Path(path).stat().st_size
+        if size > MAX_PROMPT_FILE_BYTES and Path(path).is_file():
+            raise UserError(f"prompt file {path} is {size / 2**20:.1f} MiB; a prompt set is at most "
+                            f"{MAX_PROMPT_FILE_BYTES >> 20} MiB and {MAX_PROMPTS:,} beginnings (is it the right file?)")
         return Path(path).read_bytes()
     except FileNotFoundError:
         raise UserError(f"prompt file {path} does not exist") from None

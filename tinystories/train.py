@@ -15,6 +15,7 @@ equal weights on CPU in fp32 (tests/test_train.py proves it).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -42,11 +43,12 @@ from tinystories.config import (
     TRAIN_PRESETS, ModelConfig, TrainConfig, from_dict, get_preset, load_json, overrides_from_args,
 )
 from tinystories.data import EpochWindows, load_data_tokenizer, open_split, read_meta
-from tinystories.device import choose_dtype, cuda_capability, describe, pick_device
-from tinystories.errors import EXIT_STOPPED, UserError
+from tinystories.device import choose_dtype, cuda_capability, describe, memory_of, pick_device
+from tinystories.errors import EXIT_STOPPED, UserError, one_line
 from tinystories.mfu import flops_per_token, peak_flops
 from tinystories.model import GPT
 from tinystories.outputs import check_output_dir
+from tinystories.runlock import RunLock, watch_launcher
 from tinystories.tokenizer import check_same_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -173,6 +175,53 @@ def resolve_configs(args, data_meta: dict, saved: dict | None, init: dict | None
     if init is not None:
         check_init_fits(model_cfg, ModelConfig.from_dict(init["model"]))
     return preset, model_cfg, train_cfg
+
+
+# Bytes a trained parameter holds at least: fp32 weight, gradient, and AdamW's two moments.
+TRAINING_BYTES_PER_PARAMETER = 16
+
+
+def check_fits(model_cfg: ModelConfig, device: torch.device, copies: int = 1) -> None:
+    """Refuse, before allocating anything, a model whose weights, gradients and optimizer state
+    alone exceed the device's memory (activations come on top); `copies`: processes sharing it."""
+    n_params = parameter_count(model_cfg)
+    need, have = n_params * TRAINING_BYTES_PER_PARAMETER * copies, memory_of(device)
+    if have is not None and need > have:
+        size = f"{n_params / 1e9:,.1f}B" if n_params >= 1e9 else f"{n_params / 1e6:,.0f}M"
+        where = "this machine has available" if device.type == "cpu" else f"{device} has"
+        raise UserError(f"the model has {size} parameters: training it needs at least {need / 2**30:,.1f} GiB for "
+                        f"weights, gradients and optimizer state, more than the {have / 2**30:,.1f} GiB {where}; "
+                        "choose smaller sizes (--n-layer, --n-embd, --mlp-hidden, --vocab-size)")
+
+
+def parameter_count(model_cfg: ModelConfig) -> int:
+    """GPT(model_cfg).num_params() without building it: one block on the meta device, times n_layer
+    (every block has the same parameters), so that 100,000 layers are counted as fast as one."""
+    layers = model_cfg.attention_layers
+    one = dataclasses.replace(model_cfg, n_layer=1, attention_layers=None if layers is None else layers[:1])
+    with torch.device("meta"):
+        model = GPT(one)
+        per_block = sum(p.numel() for p in model.transformer.h[0].parameters())
+        return model.num_params() + (model_cfg.n_layer - 1) * per_block
+
+
+# Training settings a resumed run keeps: the optimizer state belongs to its optimizer, and the data
+# order and dropout streams to the seed. Every other setting may change, and the change is recorded.
+FIXED_ON_RESUME = ("optimizer", "seed")
+
+
+def resume_changes(saved_train: dict, cfg: TrainConfig, run: Path) -> dict:
+    """{field: [before, now]} of the training settings this resume changes; one line if it may not."""
+    before = {**TrainConfig().to_dict(), **saved_train}  # with fields added since at their defaults
+    changed = {k: [before[k], v] for k, v in cfg.to_dict().items() if before[k] != v}
+    for name in FIXED_ON_RESUME:
+        if name in changed:
+            old = changed[name][0]
+            raise UserError(f"this run was trained with --{name.replace('_', '-')} {old}, which a resumed run keeps "
+                            f"(its {'optimizer state' if name == 'optimizer' else 'data order'} depends on it): "
+                            f"drop --{name.replace('_', '-')}, or start a new run from these weights with "
+                            f"--init-from {run / 'checkpoints' / 'last'} and another --out")
+    return changed
 
 
 def check_init_fits(model_cfg: ModelConfig, ckpt_cfg: ModelConfig) -> None:
@@ -363,7 +412,7 @@ def run(args) -> int:
     try:
         code = _run_and_tear_down(args)
     except UserError as e:
-        print(f"tinystories train: error: {e}", file=sys.stderr)  # as the command line prints it
+        print(f"tinystories train: error: {one_line(e)}", file=sys.stderr)  # as the command line prints it
         code = 2
     # destroy_process_group does not stop Gloo's worker threads while a DDP model has used the group
     # (they run until the process ends), and a worker still releasing the tensors of the last
@@ -391,8 +440,21 @@ def _run_and_tear_down(args) -> int:
 
 
 def _run(args) -> int:
+    """One writer per run folder: the training process (rank 0 under torchrun) holds its lock,
+    and under torchrun every rank stops when the launcher is gone (tinystories/runlock.py)."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     out = check_output_dir(args.out, "--out")  # before any work: a path that cannot be written fails now
+    lock = RunLock(out) if int(os.environ.get("RANK", "0")) == 0 else None
+    if ddp:
+        watch_launcher()
+    try:
+        return _train(args, out, ddp)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(args, out: Path, ddp: bool) -> int:
     saved = None
     # A folder left by a crash before the first step (config.json, maybe an empty checkpoints/ or
     # log.jsonl) holds nothing to keep or resume: a new run reuses it.
@@ -422,6 +484,7 @@ def _run(args) -> int:
         init = read_checkpoint_config(init_from)
         check_same_tokenizer(init["tokenizer"], meta["tokenizer"], f"--init-from {init_from}", f"the data in {args.data}")
     preset, model_cfg, cfg = resolve_configs(args, meta, saved, init)
+    changes = resume_changes(saved["train"], cfg, out) if saved is not None else {}
 
     # --- processes and devices ------------------------------------------------------------
     if ddp:
@@ -462,6 +525,7 @@ def _run(args) -> int:
     total_steps = steps_for(cfg, len(train_tokens), model_cfg.block_size)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.block_size
 
+    check_fits(model_cfg, device, world_size if device.type == "cpu" else 1)  # CPU ranks share one memory
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = GPT(model_cfg).to(device)
     if init is not None:
@@ -476,10 +540,12 @@ def _run(args) -> int:
         state = load_trainer_state(last)
         model.load_state_dict(load_checkpoint(last, device).model.state_dict())
         for name, optimizer in optimizers.items():  # "optimizer" is AdamW's (the key before Muon came)
-            peaks = [g["peak_lr"] for g in optimizer.param_groups]  # this run's settings, not the saved ones
+            # this run's settings (betas, weight decay, momentum, peak lr, fused or not on this
+            # device), not the saved ones, which load_state_dict would bring back
+            settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
             optimizer.load_state_dict(state["optimizer" if name == "adamw" else name])
-            for group, peak_lr in zip(optimizer.param_groups, peaks):
-                group["peak_lr"] = peak_lr
+            for group, mine in zip(optimizer.param_groups, settings):
+                group.update(mine)
         if scaler.is_enabled() and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
         elif scaler.is_enabled() and master:  # saved without loss scaling (bf16, fp32): start the scale afresh
@@ -502,8 +568,14 @@ def _run(args) -> int:
         if saved is None:
             (out / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
         else:
-            saved.setdefault("resumed", []).append({"step": start_step, "command_line": sys.argv})
+            saved.setdefault("resumed", []).append({"step": start_step, "command_line": sys.argv, "changed": changes,
+                                                    "device": str(device), "dtype": run_config["dtype"],
+                                                    "world_size": world_size})
+            saved["train"], saved["total_steps"] = cfg.to_dict(), total_steps  # what the run trains with now
             (out / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
+            if changes:
+                print("note: resuming with changed settings: "
+                      + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items()), flush=True)
         _truncate_log(out / "log.jsonl", start_step)
 
     raw_model = model  # checkpoints and evaluation use the plain module
@@ -773,7 +845,7 @@ def _first_compiled_step(r: Loop, accum: int) -> torch.Tensor:
         raise
     except Exception as e:  # noqa: BLE001 - any compiler failure; the eager retry shows a real bug again
         if r.rank == 0:
-            print(f"note: torch.compile failed at the first step ({_one_line(e)}); training eagerly", flush=True)
+            print(f"note: torch.compile failed at the first step ({_short(e)}); training eagerly", flush=True)
         for optimizer in r.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         r.batches.load_state_dict(data)
@@ -802,8 +874,8 @@ def _synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
+def _short(e: BaseException, limit: int = 300) -> str:
+    text = one_line(e) or type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
