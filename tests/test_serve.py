@@ -215,6 +215,7 @@ def test_health_models_and_page(server, tiny_checkpoint):
     assert status == 200 and health["status"] == "ok"
     assert health["model"] == "tiny-random" and health["max_tokens_cap"] == CAP and health["tokenizer"] == "bpe-512"
     assert health["concurrency"] == 16 and health["running"] >= 0 and health["waiting"] >= 0
+    assert health["max_prompt_tokens"] == health["block_size"] == 64  # the default cap: the model's block_size
 
     status, _, body = server.request("GET", "/v1/models")
     assert status == 200 and [m["id"] for m in json.loads(body)["data"]] == ["tiny-random"]
@@ -303,6 +304,26 @@ def test_temperature_minus_3_message(server):
 def test_max_tokens_over_the_cap_names_the_cap(server):
     _, _, body = server.complete(prompt=PROMPT, max_tokens=10_000)
     assert f"({CAP}, its --max-tokens-cap)" in body["error"]["message"]
+
+
+def test_a_prompt_over_the_token_cap_is_refused_in_one_line(server, local):
+    """The default cap is the model's block_size (64 here): one token more is a 400 that says so in
+    one line, in OpenAI's shape with its code for it, completions and chat alike; 64 tokens pass."""
+    ids = local.tokenizer.encode(" ".join(read_stories(TINYSTORIES_DIR / "TinyStories-valid.head.txt", limit=3)))
+    fits, over = local.tokenizer.decode(ids[:64]), local.tokenizer.decode(ids[:65])
+    assert len(local.tokenizer.encode(fits)) == 64 and len(local.tokenizer.encode(over)) == 65
+    status, _, body = server.complete(prompt=fits, max_tokens=2)
+    assert status == 200 and body["usage"]["prompt_tokens"] == 64
+    status, headers, body = server.complete(prompt=over, max_tokens=2)
+    error = body["error"]
+    assert status == 400 and headers["content-type"] == "application/json"
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", "prompt", "context_length_exceeded")
+    assert "\n" not in error["message"]
+    assert error["message"].startswith("prompt has 65 tokens; the most this server takes is 64 (its --max-prompt-tokens")
+    status, _, body = server.request("POST", "/v1/chat/completions",
+                                     {"messages": [{"role": "user", "content": over}], "max_tokens": 2})
+    error = json.loads(body)["error"]
+    assert status == 400 and error["param"] == "messages" and error["code"] == "context_length_exceeded"
 
 
 def test_not_json_and_unknown_routes_get_openai_shaped_errors(server):
