@@ -436,6 +436,36 @@ def test_a_busy_port_is_a_one_line_error(tiny_checkpoint):
                                      "pick another with --port (--port 0 picks a free one)")
 
 
+def test_the_address_is_printed_once_the_server_listens(tiny_checkpoint):
+    """A client that connects as soon as it reads the address line is never refused: the line comes
+    after uvicorn's startup (after the device line), when the socket listens."""
+    for _ in range(3):
+        process = subprocess.Popen([sys.executable, "-m", "tinystories", "serve", "--checkpoint", str(tiny_checkpoint),
+                                    "--port", "0", "--device", "cpu"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+        deadline = threading.Timer(120, process.kill)  # no address by then: stdout ends, and the test fails
+        deadline.start()
+        try:
+            lines = []
+            for line in process.stdout:  # the server's stdout: the device line, then the address
+                lines.append(line)
+                if "http://127.0.0.1:" in line:
+                    break
+            assert lines and "http://127.0.0.1:" in lines[-1], f"no address line: {lines}"
+            port = int(lines[-1].split("http://127.0.0.1:", 1)[1].split("/", 1)[0])
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()  # refused would raise
+            assert any(line.startswith("tinystories serve: device ") for line in lines[:-1]), lines
+        finally:
+            deadline.cancel()
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            process.stdout.close()
+
+
 def test_an_unusable_dtype_fails_before_the_model_is_loaded(tmp_path, monkeypatch, capfd):
     # --dtype int8 where it cannot run (as on a GPU) is refused at once, not after a full load: the
     # checkpoint named here does not exist, and the error is the dtype's, not the checkpoint's

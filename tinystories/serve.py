@@ -883,9 +883,19 @@ def run(args) -> int:
     print(f"tinystories serve: {describe(device, dtype, why)}", flush=True)
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     n_params = sum(p.numel() for p in engine.model.parameters())
-    print(f"tinystories serve: {engine.model_id} ({n_params / 1e6:.2f}M parameters, {engine.tokenizer.name}) "
-          f"on {engine.device}, at http://{shown_host}:{port}/ (API: POST /v1/completions, /v1/chat/completions; "
-          "Ctrl-C stops)",
-          flush=True)
-    uvicorn.Server(uvicorn_config(app, args.host, port)).run(sockets=[sock])
+    address = (f"tinystories serve: {engine.model_id} ({n_params / 1e6:.2f}M parameters, {engine.tokenizer.name}) "
+               f"on {engine.device}, at http://{shown_host}:{port}/ (API: POST /v1/completions, "
+               "/v1/chat/completions; Ctrl-C stops)")
+
+    class Server(uvicorn.Server):
+        """Prints the address once the socket listens: `bind` does not, and a client (a script, a
+        test) that connects as soon as it reads the address would be refused until uvicorn's
+        startup has run."""
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                print(address, flush=True)
+
+    Server(uvicorn_config(app, args.host, port)).run(sockets=[sock])
     return 0
