@@ -466,6 +466,17 @@ def test_the_address_is_printed_once_the_server_listens(tiny_checkpoint):
             process.stdout.close()
 
 
+@pytest.mark.slow
+def test_the_long_prompt_benchmark_runs_end_to_end(tmp_path):
+    """bench/serve.py --long-prompt (a short request's time to first token alone and beside a
+    maximal prompt) at tiny sizes: the script works; what it measures is BENCHMARKS.md's."""
+    r = subprocess.run([sys.executable, "bench/serve.py", "--long-prompt", "--quick"], cwd=REPO, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "ours: the maximal prompt has 64 tokens" in r.stdout  # the cap of the quick model's block_size
+    assert "round 1 ours" in r.stdout and "the same text alone and beside: yes" in r.stdout, r.stdout
+
+
 def test_an_unusable_dtype_fails_before_the_model_is_loaded(tmp_path, monkeypatch, capfd):
     # --dtype int8 where it cannot run (as on a GPU) is refused at once, not after a full load: the
     # checkpoint named here does not exist, and the error is the dtype's, not the checkpoint's
