@@ -7,7 +7,9 @@
 - a request writes what `generate` writes for it alone: greedy and sampled, prompts and stories
   longer than block_size (learned positions refill their window, rotary ones slide as a ring),
   GPT-Neo's local layers, chunked prefills;
-- requests past the slots wait their turn; a cancelled one leaves and frees its slot.
+- requests past the slots wait their turn; a cancelled one leaves and frees its slot;
+- a long prompt is filled in chunks between decode steps, of a ring only what the next token
+  depends on, and a request that arrives meanwhile takes its turn at the next round.
 
 Tiny random models on the CPU; every wait is bounded.
 """
