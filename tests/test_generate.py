@@ -12,18 +12,19 @@ import pytest
 import torch
 
 from tinystories.cli import main
-from tinystories.config import ModelConfig
+from tinystories.config import LLAMA_BLOCK, ModelConfig, get_preset
 from tinystories.decoding import int8_supported
 from tinystories.errors import UserError
-from tinystories.generate import TextStream, generate, sample_next, stream, window_start
+from tinystories.generate import TextStream, generate, reach, sample_next, stream, window_start
 from tinystories.model import GPT
 
 from conftest import REPO, read_stories
 
 
-def random_model(block_size=32, vocab_size=64, seed=0, scale=4.0):
+def random_model(block_size=32, vocab_size=64, seed=0, scale=4.0, **options):
     torch.manual_seed(seed)
-    config = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=vocab_size, dropout=0.0)
+    config = ModelConfig(**{**dict(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=vocab_size,
+                                   dropout=0.0), **options})
     model = GPT(config).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -215,6 +216,68 @@ def test_window_keep_block_size_is_nanogpt_crop():
             logits, _ = model(torch.tensor([(context + expected)[-16:]]))
             expected.append(int(logits[0, -1].argmax()))
     assert greedy(model, [context], 30, window_keep=16) == [expected]
+
+
+# -----------------------------------------------------------------------------
+# Prompts longer than a RoPE model's block_size: a bounded prefill, the oracle's tokens
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 16])
+def test_chunks_written_past_the_rings_end_give_the_windowed_forwards_logits(chunk):
+    """A RoPE cache of block_size keys takes chunks of up to block_size tokens past its end (each
+    query sees the last block_size tokens, itself included): the logits of a forward over the
+    whole sequence in which every layer sees the last block_size tokens."""
+    model = random_model(block_size=16, **LLAMA_BLOCK)
+    idx = torch.tensor(random_prompts([90, 90]))  # (2, 90): the ring turns over 5 times
+    with torch.no_grad():
+        expected, _ = model(idx, window=16)
+        cache = model.new_kv_cache(2, 16)
+        got = torch.cat([model(idx[:, i : i + chunk], kv_cache=cache)[0] for i in range(0, 90, chunk)], dim=1)
+        assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+        with pytest.raises(ValueError, match="at most that many"):
+            model(idx[:, :17], kv_cache=cache)  # more than the cache holds at once
+
+
+def test_a_long_rope_prompt_gives_the_oracles_greedy_tokens():
+    """The cache is filled from the last `reach` tokens of each prompt (what the next token depends
+    on through the layers); the oracle runs over all 2,000. Rows of 3, 40 and 2,000 tokens in one
+    batch (padding longer than the cache, written past its end) write what each writes alone."""
+    model = random_model(block_size=16, **LLAMA_BLOCK)
+    assert reach(model.config) == 31  # two layers, each 15 tokens back, and the token itself
+    prompts = random_prompts([3, 40, 2000])
+    cached = greedy(model, prompts, 30)
+    assert cached == greedy(model, prompts, 30, use_cache=False)
+    assert cached == [greedy(model, [p], 30)[0] for p in prompts]
+    assert len(set(cached[2])) > 3  # not one token over and over
+    # the reach is exact: of 32 tokens, the first changes nothing after the last, the second does
+    seq = torch.tensor([prompts[2][-32:]])
+    changed = [seq.clone(), seq.clone()]
+    changed[0][0, 0], changed[1][0, 1] = (seq[0, 0] + 1) % 64, (seq[0, 1] + 1) % 64
+    with torch.no_grad():
+        last = [model(x, window=16)[0][0, -1] for x in (seq, *changed)]
+    assert torch.equal(last[0], last[1]) and not torch.allclose(last[0], last[2])
+
+
+def test_a_30000_token_prompt_costs_a_few_forward_passes(monkeypatch):
+    """The `tiny` preset's shape (3 layers, block_size 256): a 30,000-token prompt is filled in 3
+    forward passes of its last 766 tokens, against one of 256 for a 256-token prompt; a step
+    counter, not a clock. Its tokens are the oracle's over more than its reach."""
+    torch.manual_seed(0)
+    model = GPT(get_preset("tiny")).eval()
+    calls: list[int] = []  # the tokens of each forward pass of the model or its decoding copy
+    forward = GPT.forward
+    monkeypatch.setattr(GPT, "forward", lambda self, idx, *a, **kw: calls.append(idx.shape[1]) or forward(self, idx, *a, **kw))
+    prompt = random_prompts([30_000], vocab_size=4096)[0]
+
+    greedy(model, [prompt[-256:]], 8)
+    short_calls = [n for n in calls if n > 1]  # decode steps are one token each (or no forward at all)
+    calls.clear()
+    tokens = greedy(model, [prompt], 8)
+    prefill = [n for n in calls if n > 1]
+    assert short_calls == [256]
+    assert prefill == [256, 256, 254] and sum(prefill) == reach(model.config) == 766
+    assert len(calls) <= len(prefill) + 8  # and one-token decode steps, never one per prompt token
+    assert tokens == greedy(model, [prompt[-2000:]], 8, use_cache=False)  # 2,000 tokens: past the reach
 
 
 def test_model_mode_is_given_back():

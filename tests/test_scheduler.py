@@ -7,7 +7,9 @@
 - a request writes what `generate` writes for it alone: greedy and sampled, prompts and stories
   longer than block_size (learned positions refill their window, rotary ones slide as a ring),
   GPT-Neo's local layers, chunked prefills;
-- requests past the slots wait their turn; a cancelled one leaves and frees its slot.
+- requests past the slots wait their turn; a cancelled one leaves and frees its slot;
+- a long prompt is filled in chunks between decode steps, of a ring only what the next token
+  depends on, and a request that arrives meanwhile takes its turn at the next round.
 
 Tiny random models on the CPU; every wait is bounded.
 """
@@ -19,7 +21,7 @@ import pytest
 import torch
 
 from tinystories.config import LLAMA_BLOCK, ModelConfig
-from tinystories.generate import generate
+from tinystories.generate import generate, reach
 from tinystories.model import GPT
 from tinystories.scheduler import Job, Scheduler
 
@@ -260,6 +262,75 @@ def test_a_long_prompt_is_filled_in_chunks_between_decode_steps(scheduler_for):
     between = log[mark : log.index("long")].count("running")
     assert between >= 13, f"the running request got {between} tokens while the prompt was filled in 15 chunks"
     assert tokens == alone(model, long_fields, eot_id=None)
+
+
+def fed_chunks(scheduler) -> list[tuple[Job, int]]:
+    """Record (job, tokens) of every prefill chunk the scheduler runs, in order."""
+    chunks: list[tuple[Job, int]] = []
+    fill_chunk = scheduler._fill_chunk
+
+    def recorded(job):
+        n = fill_chunk(job)
+        chunks.append((job, n))
+        return n
+
+    scheduler._fill_chunk = recorded
+    return chunks
+
+
+def test_a_long_rope_prompt_fills_its_reach_in_chunks_between_decode_steps(scheduler_for):
+    """A 2,000-token prompt on a ring (block_size 16, two layers): only its last 31 tokens, what
+    the next token depends on, are filled, 4 a round over 8 rounds, while the running request
+    gets a token every round; its tokens are `generate`'s and the no-cache oracle's over all 2,000."""
+    model = tiny_model("llama")
+    scheduler = scheduler_for(model, slots=2, prefill_chunk=4, eot_id=-1)
+    chunks = fed_chunks(scheduler)
+    log: list = []
+    started = threading.Event()
+    running = Job(prompt(3), 10_000, deliver=lambda item: (log.append("running"), started.set()))
+    scheduler.submit(running)
+    assert started.wait(60)
+    done: queue.Queue = queue.Queue()
+    long_fields = dict(prompt_ids=prompt(2000, 1), max_tokens=12, temperature=0.0)
+    mark = len(log)
+    long_job = Job(deliver=lambda item: (log.append("long"), done.put(item)), **long_fields)
+    scheduler.submit(long_job)
+    tokens = tokens_of(done)[0]
+    running.cancel()
+    fed = [n for job, n in chunks if job is long_job]
+    assert sum(fed) == reach(model.config) == 31 and max(fed) <= 4 and len(fed) == 8
+    between = log[mark : log.index("long")].count("running")
+    assert between >= 6, f"the running request got {between} tokens while the prompt was filled in 8 chunks"
+    assert tokens == alone(model, long_fields, eot_id=None)
+    assert [tokens] == generate(model, [long_fields["prompt_ids"]], 12, temperature=0.0, use_cache=False)
+
+
+def test_a_request_that_arrives_while_a_long_prompt_fills_is_served_at_the_next_round(scheduler_for):
+    """Into an idle scheduler: a prompt of 8 chunks, then (while its first chunk is filled) a short
+    request. The short one takes its slot and its first token at the next round, before the long
+    prompt is filled: with nothing decoding, a prefill still goes one chunk a round."""
+    model = tiny_model("gpt2", block_size=64)
+    scheduler = scheduler_for(model, slots=2, prefill_chunk=4, eot_id=-1)
+    chunks = fed_chunks(scheduler)
+    log: list = []
+    done: queue.Queue = queue.Queue()
+    short = Job(prompt(3, 2), 2, deliver=lambda item: (log.append("short"), done.put(item)))
+    fill_chunk = scheduler._fill_chunk
+
+    def fill_then_submit(job):  # the short request arrives while the long prompt's first chunk fills
+        n = fill_chunk(job)
+        if len(chunks) == 1:
+            scheduler.submit(short)
+        return n
+
+    scheduler._fill_chunk = fill_then_submit
+    long_job = Job(prompt(32, 1), 2, deliver=lambda item: (log.append("long"), done.put(item)))
+    scheduler.submit(long_job)
+    for _ in range(4):
+        done.get(timeout=60)
+    assert log.index("short") < log.index("long")
+    order = [("long" if job is long_job else "short", n) for job, n in chunks]
+    assert order[:3] == [("long", 4), ("short", 3), ("long", 4)], order  # one chunk a round, the new one first
 
 
 @pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="no fbgemm kernels")

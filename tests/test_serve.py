@@ -215,6 +215,7 @@ def test_health_models_and_page(server, tiny_checkpoint):
     assert status == 200 and health["status"] == "ok"
     assert health["model"] == "tiny-random" and health["max_tokens_cap"] == CAP and health["tokenizer"] == "bpe-512"
     assert health["concurrency"] == 16 and health["running"] >= 0 and health["waiting"] >= 0
+    assert health["max_prompt_tokens"] == health["block_size"] == 64  # the default cap: the model's block_size
 
     status, _, body = server.request("GET", "/v1/models")
     assert status == 200 and [m["id"] for m in json.loads(body)["data"]] == ["tiny-random"]
@@ -303,6 +304,26 @@ def test_temperature_minus_3_message(server):
 def test_max_tokens_over_the_cap_names_the_cap(server):
     _, _, body = server.complete(prompt=PROMPT, max_tokens=10_000)
     assert f"({CAP}, its --max-tokens-cap)" in body["error"]["message"]
+
+
+def test_a_prompt_over_the_token_cap_is_refused_in_one_line(server, local):
+    """The default cap is the model's block_size (64 here): one token more is a 400 that says so in
+    one line, in OpenAI's shape with its code for it, completions and chat alike; 64 tokens pass."""
+    ids = local.tokenizer.encode(" ".join(read_stories(TINYSTORIES_DIR / "TinyStories-valid.head.txt", limit=3)))
+    fits, over = local.tokenizer.decode(ids[:64]), local.tokenizer.decode(ids[:65])
+    assert len(local.tokenizer.encode(fits)) == 64 and len(local.tokenizer.encode(over)) == 65
+    status, _, body = server.complete(prompt=fits, max_tokens=2)
+    assert status == 200 and body["usage"]["prompt_tokens"] == 64
+    status, headers, body = server.complete(prompt=over, max_tokens=2)
+    error = body["error"]
+    assert status == 400 and headers["content-type"] == "application/json"
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", "prompt", "context_length_exceeded")
+    assert "\n" not in error["message"]
+    assert error["message"].startswith("prompt has 65 tokens; the most this server takes is 64 (its --max-prompt-tokens")
+    status, _, body = server.request("POST", "/v1/chat/completions",
+                                     {"messages": [{"role": "user", "content": over}], "max_tokens": 2})
+    error = json.loads(body)["error"]
+    assert status == 400 and error["param"] == "messages" and error["code"] == "context_length_exceeded"
 
 
 def test_not_json_and_unknown_routes_get_openai_shaped_errors(server):
@@ -413,6 +434,47 @@ def test_a_busy_port_is_a_one_line_error(tiny_checkpoint):
     assert result.returncode == 2
     assert result.stderr.strip() == (f"tinystories serve: error: port {port} on 127.0.0.1 is already in use; "
                                      "pick another with --port (--port 0 picks a free one)")
+
+
+def test_the_address_is_printed_once_the_server_listens(tiny_checkpoint):
+    """A client that connects as soon as it reads the address line is never refused: the line comes
+    after uvicorn's startup (after the device line), when the socket listens."""
+    for _ in range(3):
+        process = subprocess.Popen([sys.executable, "-m", "tinystories", "serve", "--checkpoint", str(tiny_checkpoint),
+                                    "--port", "0", "--device", "cpu"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+        deadline = threading.Timer(120, process.kill)  # no address by then: stdout ends, and the test fails
+        deadline.start()
+        try:
+            lines = []
+            for line in process.stdout:  # the server's stdout: the device line, then the address
+                lines.append(line)
+                if "http://127.0.0.1:" in line:
+                    break
+            assert lines and "http://127.0.0.1:" in lines[-1], f"no address line: {lines}"
+            port = int(lines[-1].split("http://127.0.0.1:", 1)[1].split("/", 1)[0])
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()  # refused would raise
+            assert any(line.startswith("tinystories serve: device ") for line in lines[:-1]), lines
+        finally:
+            deadline.cancel()
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            process.stdout.close()
+
+
+@pytest.mark.slow
+def test_the_long_prompt_benchmark_runs_end_to_end(tmp_path):
+    """bench/serve.py --long-prompt (a short request's time to first token alone and beside a
+    maximal prompt) at tiny sizes: the script works; what it measures is BENCHMARKS.md's."""
+    r = subprocess.run([sys.executable, "bench/serve.py", "--long-prompt", "--quick"], cwd=REPO, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "ours: the maximal prompt has 64 tokens" in r.stdout  # the cap of the quick model's block_size
+    assert "round 1 ours" in r.stdout and "the same text alone and beside: yes" in r.stdout, r.stdout
 
 
 def test_an_unusable_dtype_fails_before_the_model_is_loaded(tmp_path, monkeypatch, capfd):

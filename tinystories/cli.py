@@ -332,6 +332,11 @@ def _add_serve(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0 picks a free one and prints it)")
     p.add_argument("--max-tokens-cap", type=_positive_int, default=512,
                    help="largest max_tokens a request may ask for; larger requests get a 400 error")
+    p.add_argument("--max-prompt-tokens", type=_positive_int, default=None,
+                   help="most prompt tokens a request may send (default: the model's block_size, all it sees at "
+                        "once); longer prompts get a 400 error (context_length_exceeded). A larger cap lets longer "
+                        "prompts in, of which the model reads the end: each costs at most block_size tokens of "
+                        "prefill (n_layer * block_size for a RoPE model), in chunks between the others' decode steps")
     p.add_argument("--concurrency", type=_positive_int, default=16,
                    help="requests decoded together in one batch (the KV cache's slots); more wait their turn. "
                         "A decode step computes 1, 2, 4, ... rows, the fewest that hold the requests decoding, "

@@ -32,7 +32,11 @@ rotation and attention scores depend only on distances, so once the cache is ful
 replaces the oldest (a ring, `KVCache.update`) and every token sees the last block_size tokens,
 itself included, however long the story grows. The oracle computes the same thing: a forward over
 the whole context in which every layer sees only the last block_size tokens (`window`). Such a
-model ignores `window_keep`.
+model ignores `window_keep`. Through its layers a token reaches further back: each layer looks
+block_size - 1 tokens back, so the next token depends on the last `reach` = n_layer * (block_size
+- 1) + 1 tokens and on nothing before them. The cache is filled from there (chunks of at most
+block_size tokens, written across the ring's end), so a prompt of any length costs a prefill of at
+most `reach` tokens, and the tokens equal the oracle's over the whole context.
 
 Speed: the cached path decodes with a copy of the model laid out for one-token steps (on the CPU,
 matmul weights in oneDNN's blocked layout, bf16 where the CPU multiplies bf16 natively) and runs its
@@ -147,6 +151,18 @@ def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
 # Decoding
 
 
+def slides(config) -> bool:
+    """Whether the model slides past block_size as a ring: rotary positions, no local layers."""
+    return config.pos_embedding == "rope" and "local" not in (config.attention_layers or ())
+
+
+def reach(config) -> int:
+    """How many of the last tokens the next token of a RoPE model without local layers depends on:
+    each layer sees the last block_size tokens, so n_layer layers reach n_layer * (block_size - 1)
+    tokens behind it."""
+    return config.n_layer * (config.block_size - 1) + 1
+
+
 def window_start(n_tokens: int, start: int, block_size: int, window_keep: int) -> int:
     """Where a row's visible context begins, given its length and where it began one step ago."""
     if n_tokens - start > block_size:
@@ -190,8 +206,11 @@ def stream(
 
     contexts = [list(p) for p in prompts]  # every token of each row so far, prompt included
     # RoPE without local layers: the cache slides as a ring, every token seeing the last block_size
-    slides = model.config.pos_embedding == "rope" and "local" not in (model.config.attention_layers or ())
-    starts = [0 if slides else window_start(len(c), 0, block_size, window_keep) for c in contexts]
+    ring = slides(model.config)
+    starts = [0 if ring else window_start(len(c), 0, block_size, window_keep) for c in contexts]
+    # the cache holds each row's tokens from `fed` on (its positions count from there): the visible
+    # context, or in a ring the tokens the next one depends on (the oracle runs over all of them)
+    fed, behind = starts, reach(model.config) if ring else block_size
     finished = [False] * len(contexts)
     decoder = None
     if use_cache:
@@ -203,18 +222,19 @@ def stream(
     model.eval()
     try:
         for step in range(max_new_tokens):
-            new_starts = starts if slides else [window_start(len(c), s, block_size, window_keep)
+            new_starts = starts if ring else [window_start(len(c), s, block_size, window_keep)
                                                 for c, s in zip(contexts, starts)]
             # No autograd graph (it would keep every step's activations alive). Entered per step,
             # not around the generator, so the caller's code between steps keeps its own mode.
             with torch.inference_mode():
                 if decoder is None:
-                    logits = _full_forward_logits(model, contexts, new_starts, block_size if slides else None)
+                    logits = _full_forward_logits(model, contexts, new_starts, block_size if ring else None)
                 elif step == 0 or new_starts != starts:  # the first step, or a window jumped: refill
-                    logits = decoder.prefill([c[s:] for c, s in zip(contexts, new_starts)])
-                else:  # the cache holds c[s:-1] of each row: feed the token sampled last
+                    fed = [max(s, len(c) - behind) for c, s in zip(contexts, new_starts)]
+                    logits = decoder.prefill([c[f:] for c, f in zip(contexts, fed)])
+                else:  # the cache holds c[f:-1] of each row: feed the token sampled last
                     last = [c[-1] for c in contexts]
-                    logits = decoder.decode(last, [len(c) - 1 - s for c, s in zip(contexts, new_starts)])
+                    logits = decoder.decode(last, [len(c) - 1 - f for c, f in zip(contexts, fed)])
                 tokens = sample_next(logits, temperature, top_k, top_p, generator).tolist()
             starts = new_starts
 
@@ -274,23 +294,24 @@ class _CachedDecoder:
         if bool((pad > 0).any()):
             self.key_mask = torch.arange(self.cache.max_len, device=self.device)[None, :] >= pad[:, None]
         self.cache.length = 0  # stale keys past `length` are never attended, only overwritten
-        filled = min(T, self.cache.max_len)  # a RoPE prompt longer than the cache: the rest one by one
-        config = self.model.config
-        chunk = max(1, _PREFILL_ACTIVATIONS_BUDGET // (B * (4 * config.n_embd + config.n_head * self.cache.max_len)))
-        for i in range(0, filled, chunk):
-            j = min(i + chunk, filled)
-            key_mask = None if self.key_mask is None else self.key_mask[:, :j]
+        L, config = self.cache.max_len, self.model.config
+        # A RoPE window longer than the cache goes on past its end (a ring) in chunks of at most L
+        # tokens, each attending over the L slots and itself.
+        keys = 2 * L if T > L else L
+        chunk = min(L, max(1, _PREFILL_ACTIVATIONS_BUDGET // (B * (4 * config.n_embd + config.n_head * keys))))
+        real = torch.arange(T, device=self.device)[None, :] >= pad[:, None]  # (B, T), False on padding
+        for i in range(0, T, chunk):
+            j = min(i + chunk, T)
+            key_mask = self.key_mask
+            if key_mask is not None:  # the keys so far, or past the end: the slots', then the chunk's
+                key_mask = key_mask[:, :j] if j <= L else torch.cat((key_mask, real[:, i:j]), dim=1)
             logits, _ = self.model(idx[:, i:j], kv_cache=self.cache, pos=pos[:, i:j], key_mask=key_mask, only_last=True)
-        logits = logits[:, -1]
-        for j in range(filled, T):
-            logits = self.decode(idx[:, j].tolist(), pos[:, j].tolist(), real=pad <= j)
-        return logits
+            if j > L and self.key_mask is not None:  # the slots now hold tokens i..j-1
+                self.key_mask[:, torch.arange(i, j, device=self.device) % L] = real[:, i:j]
+        return logits[:, -1]
 
-    def decode(self, tokens: list[int], positions: list[int], real: Tensor | None = None) -> Tensor:
-        """Append one token per row at the given positions; logits (B, V) after it.
-
-        real: (B,) bool, False where a row's token is padding (a long prompt fed through a ring).
-        """
+    def decode(self, tokens: list[int], positions: list[int]) -> Tensor:
+        """Append one token per row at the given positions; logits (B, V) after it."""
         idx = torch.tensor(tokens, dtype=torch.long, device=self.device)  # (B,)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)  # (B,)
         key_mask, slot = None, self.cache.length % self.cache.max_len
@@ -303,8 +324,6 @@ class _CachedDecoder:
             logits = self.step(idx, pos, self.cache, key_mask)
         else:
             logits = self.model(idx[:, None], kv_cache=self.cache, pos=pos[:, None], key_mask=key_mask)[0][:, -1]
-        if real is not None and self.key_mask is not None:
-            self.key_mask[:, slot] = real  # padding stays unseen by the tokens after it
         return logits
 
 
@@ -343,7 +362,8 @@ def run(args) -> int:
     With --num-samples N > 1 the N stories are written in one batch; each is printed under a
     `=== sample i/N ===` line, the first as it is written, the others when the batch is done.
     An empty prompt starts a story from scratch (the context is just end-of-text). A prompt
-    longer than block_size is cut to its end, as the sliding window would (a note on stderr says so).
+    longer than block_size is cut to its end, as the sliding window would (a note on stderr says
+    how much of it the model sees).
     """
     from tinystories.checkpoint import load_checkpoint
     from tinystories.cli import MAX_NEW_TOKENS, MAX_SAMPLES, SEED_MAX
@@ -367,9 +387,13 @@ def run(args) -> int:
 
     prompt_ids = tokenizer.encode(args.prompt) or [tokenizer.eot_id]
     if len(prompt_ids) > block_size:
-        print(f"tinystories generate: note: the prompt has {len(prompt_ids)} tokens, more than the "
-              f"model's block_size {block_size}; the model sees only its last {block_size // 2}",
-              file=sys.stderr)
+        if slides(model.config):
+            sees = (f"each token sees the last {block_size}, and through {model.config.n_layer} layers the next "
+                    f"one depends on the last {reach(model.config):,} at most")
+        else:
+            sees = f"the model sees only its last {block_size // 2}"
+        print(f"tinystories generate: note: the prompt has {len(prompt_ids):,} tokens, more than the "
+              f"model's block_size {block_size}; {sees}", file=sys.stderr)
     # once nothing is left to refuse: a mistake stays a one-line error
     print(f"tinystories generate: {describe(device, dtype, why)}", file=sys.stderr)
     seed = args.seed

@@ -60,16 +60,26 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store the new (B, n_head, T, head_dim) keys/values; return all of them so far.
 
-        A full cache is a ring (RoPE models, one token at a time): the new key replaces the oldest,
-        at index length % max_len. Keys carry their position in their rotation, and attention does
-        not depend on the order of the keys, so nothing has to move.
+        A full cache is a ring (RoPE models): the new key replaces the oldest, at index length %
+        max_len. Keys carry their position in their rotation, and attention does not depend on the
+        order of the keys, so nothing has to move. T > 1 new tokens (at most max_len) past the end
+        get the slots as they were and their own keys, all max_len + T of them (the queries' mask
+        says which each sees), and only then overwrite the oldest: the first of them still sees
+        keys that the last ones replace.
         """
         T = k.shape[2]
         if self.length + T > self.max_len:
-            slot = self.length % self.max_len
-            self.k[layer, :, :, slot : slot + 1] = k
-            self.v[layer, :, :, slot : slot + 1] = v
-            return self.k[layer], self.v[layer]
+            if T == 1:
+                slot = self.length % self.max_len
+                self.k[layer, :, :, slot : slot + 1] = k
+                self.v[layer, :, :, slot : slot + 1] = v
+                return self.k[layer], self.v[layer]
+            k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+            keys, values = torch.cat((self.k[layer], k), dim=2), torch.cat((self.v[layer], v), dim=2)
+            slots = (self.length + torch.arange(T, device=k.device)) % self.max_len
+            self.k[layer].index_copy_(2, slots, k)
+            self.v[layer].index_copy_(2, slots, v)
+            return keys, values  # (B, n_head, max_len + T, head_dim)
         end = self.length + T
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
@@ -244,7 +254,8 @@ class GPT(nn.Module):
         kv_cache: keys/values of earlier positions; the T new ones are appended to it.
         pos:      (B, T) position of each token (default: cache length + 0..T-1). Left-padded batches
                   pass positions that start at 0 on each row's first real token.
-        key_mask: (B, cache length + T) bool, False where a key is padding that must not be attended.
+        key_mask: (B, cache length + T) bool, False where a key is padding that must not be attended;
+                  past a full cache's end (B, max_len + T): the slots', then the new tokens'.
         window:   RoPE models: every layer sees only the last `window` tokens, itself included, and
                   idx may be longer than block_size (what a full cache does, see KVCache.update).
         only_last: logits (B, 1, V) of the last position only (what a prefill uses: at a 50k
@@ -257,8 +268,10 @@ class GPT(nn.Module):
         start = kv_cache.length if kv_cache is not None else 0
         rope_only = self.config.pos_embedding == "rope" and "local" not in (self.config.attention_layers or ())
         ring = kv_cache is not None and start + T > kv_cache.max_len  # a full cache slides
-        if (ring or window is not None) and not (rope_only and (not ring or T == 1)):
-            raise ValueError("only a RoPE model without local layers slides, and a full cache one token at a time")
+        if (ring or window is not None) and not rope_only:
+            raise ValueError("only a RoPE model without local layers slides")
+        if ring and T > kv_cache.max_len:
+            raise ValueError(f"{T} tokens at once past the end of a cache of {kv_cache.max_len}: at most that many")
         if start + T > self.config.block_size and not ring and window is None:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
         if pos is None:
@@ -271,9 +284,24 @@ class GPT(nn.Module):
         # a key; in shorter sequences they see exactly what global layers see.
         band = window or self.config.window_size
         banded = (window is not None or "local" in (self.config.attention_layers or ())) and start + T > band
-        if ring:  # one new token that may see every cached key but padding ones
+        if ring and T == 1:  # one new token that may see every cached key but padding ones
             needs_mask = banded = False
             attn_mask = None if key_mask is None else key_mask[:, None, None, : kv_cache.max_len]  # (B, 1, 1, keys)
+        elif ring:
+            # T tokens past the end: the keys are the L slots, then the T new ones (KVCache.update).
+            # Slot j holds the token of index start - L + ((j - start) mod L), the last one written
+            # there (a negative index: never written). Query i (index start + i) sees key index k
+            # when start + i - L < k <= start + i: the last L tokens, itself included, as a token
+            # fed alone sees them. key_mask (B, L + T), if given: False on padding keys.
+            needs_mask = banded = False
+            L = kv_cache.max_len
+            q_at = torch.arange(start, start + T, device=idx.device)
+            held = start - L + (torch.arange(L, device=idx.device) - start) % L  # (L,)
+            k_at = torch.cat((held, q_at))  # (L + T,)
+            sees = (k_at[None, :] <= q_at[:, None]) & (k_at[None, :] > q_at[:, None] - L) & (k_at[None, :] >= 0)
+            attn_mask = sees[None, None]  # (1, 1, T, L + T)
+            if key_mask is not None:  # a query always sees itself (no all-masked row, see below)
+                attn_mask = attn_mask & (key_mask[:, None, None, :] | (k_at[None, :] == q_at[:, None])[None, None])
         if needs_mask or banded:
             # query i (absolute position start + i) may see key j when j <= start + i ...
             q_at = torch.arange(start, start + T, device=idx.device)

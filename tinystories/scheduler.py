@@ -62,8 +62,11 @@ with `generate`'s).
 Prefill does not stall the running batch for long: each round of the worker fills the first
 chunk of every request that just took a slot (a short prompt is then done: its first token comes
 at once), then at most `prefill_chunk` more prompt tokens (whole chunks, the oldest request
-first), then runs a decode step. A long prompt is filled over several rounds while the others
-keep decoding; with nothing decoding, every waiting prompt is filled at once.
+first), then runs a decode step, then gives free slots to the requests that arrived meanwhile. A
+long prompt is filled over several rounds while the others keep decoding, and a request that
+arrives meanwhile gets its first chunk at the next round, with or without others decoding. What a
+prompt costs is bounded whatever its length: at most block_size tokens are filled (learned
+positions; `reach` for a ring, below).
 
 Contexts longer than block_size, as `stream` does them:
 - learned positions: the visible context starts at `start`; when it outgrows block_size, `start`
@@ -71,8 +74,8 @@ Contexts longer than block_size, as `stream` does them:
   filled again from them (a prefill, like a new request's, chunks and all). A prompt longer
   than block_size is cut the same way.
 - rotary positions (no local layers): the slot is a ring; every token sees the last block_size
-  tokens, itself included. The prompt's tokens past the first block_size are fed one at a time
-  (a forward pass cannot write across the ring's end).
+  tokens, itself included. The next token depends on the last `reach` (n_layer * (block_size - 1)
+  + 1) tokens only, so the slot is filled from there, in chunks that go on past the ring's end.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tinystories.decoding import PackedLinear, PackedMLP, decoding_copy
-from tinystories.generate import sample_next, window_start
+from tinystories.generate import reach, sample_next, slides, window_start
 from tinystories.model import KVCache, rope_angles, rotate
 
 PREFILL_CHUNK = 64  # prompt tokens a prefill forward pass takes at once, and filled per round of the worker
@@ -118,7 +121,7 @@ class Job:
     logits: list[Tensor] = field(default_factory=list)
     # the worker's state
     context: list[int] = field(default_factory=list)  # prompt and sampled tokens so far
-    start: int = 0  # context[start:] is visible (learned positions; always 0 for a ring)
+    start: int = 0  # context[start:] is visible (a ring: what the next token depends on)
     filled: int = 0  # tokens of context[start:] in the slot's cache
     slot: int = -1
     generator: torch.Generator | None = None
@@ -153,7 +156,8 @@ class Scheduler:
         if not 1 <= self.window_keep <= self.block_size:
             raise ValueError(f"window_keep must be in [1, block_size={self.block_size}], got {self.window_keep}")
         # RoPE without local layers slides as a ring; learned positions refill (see the module docstring)
-        self.ring = config.pos_embedding == "rope" and "local" not in (config.attention_layers or ())
+        self.ring = slides(config)
+        self.reach = reach(config)
         # The model laid out for decoding, as `stream` uses it (on the CPU: packed matmul weights).
         self.model = decoding_copy(model, dtype)
         self.int8 = dtype == torch.int8  # its rows share an input scale: no shape is batch-invariant
@@ -187,7 +191,10 @@ class Scheduler:
             raise ValueError("a job needs at least one prompt token and max_tokens >= 1")
         job.generator = torch.Generator().manual_seed(job.seed)  # on the CPU: a seed means one story everywhere
         job.context = list(job.prompt_ids)
-        job.start = 0 if self.ring else window_start(len(job.context), 0, self.block_size, self.window_keep)
+        if self.ring:  # the tokens before the last `reach` change nothing: never fed
+            job.start = max(0, len(job.context) - self.reach)
+        else:
+            job.start = window_start(len(job.context), 0, self.block_size, self.window_keep)
         job.filled = 0
         with self.lock:
             if self.stopping:
@@ -272,9 +279,9 @@ class Scheduler:
     def _fill(self) -> None:
         """Prefill: the first chunk of every new job at once (its time to the first token), then
         whole chunks, the oldest job first, until `prefill_chunk` tokens are filled this round.
-        With no job decoding (a burst into an idle server) there is nothing to stall: all of it."""
-        decoding = any(not self._filling(job) for job in self.running)
-        budget = self.prefill_chunk if decoding else float("inf")
+        Bounded even with no job decoding: a request that arrives while a long prompt fills gets
+        its first chunk at the next round, not after the whole prompt."""
+        budget = self.prefill_chunk
         for job in list(self.running):
             if job.filled == 0 and len(job.context) == len(job.prompt_ids) and not job.cancelled.is_set():
                 budget -= self._fill_chunk(job)
@@ -295,8 +302,8 @@ class Scheduler:
         The last chunk's logits give the job its next token."""
         visible = job.context[job.start :]
         i = job.filled
-        # a chunk never crosses the cache's end; past it (a ring) tokens go one at a time
-        j = min(i + self.prefill_chunk, len(visible), self.block_size) if i < self.block_size else i + 1
+        # a chunk may go on past the cache's end (a ring), at most block_size tokens at once
+        j = min(i + min(self.prefill_chunk, self.block_size), len(visible))
         idx = torch.tensor([visible[i:j]], dtype=torch.long, device=self.device)  # (1, T)
         cache = _SlotCache(self.cache, job.slot, i)
         # positions i..j-1, the slot's own cache only; the output layer at the last one only

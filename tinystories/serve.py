@@ -14,10 +14,11 @@ Routes (Starlette on uvicorn):
                                 `chat.completion.chunk`s (the first names the role, the text comes in
                                 `delta`s, the last delta is empty and carries finish_reason)
     GET  /v1/models             the one model served, with a description saying what chat does with it
-    GET  /health                status, model id, the max_tokens cap, the model's shape (the page reads it),
-                                and how many requests are in the batch and waiting for a slot
+    GET  /health                status, model id, the max_tokens and prompt caps, the model's shape (the
+                                page reads it), and how many requests are in the batch and waiting for a slot
 
-Request fields: prompt (a non-empty string, or a list holding one), max_tokens (1 to the server's
+Request fields: prompt (a non-empty string, or a list holding one, of at most the server's
+--max-prompt-tokens tokens: by default the model's block_size), max_tokens (1 to the server's
 --max-tokens-cap; default 256 or the cap if lower), temperature (0 to 2, default 1; 0 is greedy;
 a positive one at least 2**-126, float32's smallest normal number), top_p ((0, 1], default 1; at
 least 2**-126), top_k (>= 1 or null; not in OpenAI's API but common in open servers), seed (an
@@ -44,6 +45,11 @@ is the chat format's name for max_tokens, either may be sent) and the same check
 Choices made here:
 - max_tokens above the cap is refused with a 400 that names the cap (not clamped): a client that asked
   for 2,000 tokens should learn it cannot have them rather than get a shorter story it cannot explain.
+- So is a prompt of more tokens than --max-prompt-tokens (default: the model's block_size, all it
+  sees at once), with OpenAI's code "context_length_exceeded": cut without a word, its beginning
+  would be lost. Whatever the cap, a prompt costs a bounded prefill: the scheduler fills at most
+  block_size tokens of it (n_layer * (block_size - 1) + 1 for a RoPE model, the most its next token
+  depends on), in chunks between the decode steps of the others.
 - completion_tokens counts every sampled token, the end-of-text included; the text leaves it out.
   finish_reason is "stop" when the model ended the story, "length" when max_tokens ran out.
 - The model is loaded once, before the server listens. Requests are decoded together by a
@@ -67,9 +73,9 @@ Choices made here:
 - A client that goes away leaves the batch before the next step.
 - Limits against mistakes: a request body of at most 1 MiB (a larger declared Content-Length is
   refused with a 413 before any of it is read), JSON nested at most 32 deep, a prompt of at most
-  100,000 characters (a prompt or story longer than block_size tokens slides as `stream`'s
-  does: see the scheduler), and a prompt that is not valid Unicode (a lone surrogate, which JSON can
-  escape: "\\udc80") refused, the tokenizer's rule (tokenizer.check_text).
+  100,000 characters and --max-prompt-tokens tokens (a story longer than block_size tokens slides
+  as `stream`'s does: see the scheduler), and a prompt that is not valid Unicode (a lone
+  surrogate, which JSON can escape: "\\udc80") refused, the tokenizer's rule (tokenizer.check_text).
 - Limits against slow or idle clients (`Limits`; the numbers are its defaults): the request line
   and headers must arrive within 10 s of the connection opening (or of the previous response), the
   body within 30 s of the headers (1 MiB in 30 s is 35 KB/s, far below any real link), else a 408
@@ -141,12 +147,13 @@ class Limits:
 class ApiError(Exception):
     """A request the server refuses; becomes {"error": {...}} with this HTTP status."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
+                 code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.type = status, message, param, type
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": None}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 @dataclass(frozen=True)
@@ -412,13 +419,15 @@ class Engine:
     (tinystories/scheduler.py: one worker thread, one batch, --concurrency slots)."""
 
     def __init__(self, checkpoint, model_id: str, max_tokens_cap: int, concurrency: int,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, max_prompt_tokens: int | None = None):
         from tinystories.scheduler import Scheduler
 
         self.model = checkpoint.model
         self.tokenizer = checkpoint.tokenizer
         self.model_id = model_id
         self.max_tokens_cap = max_tokens_cap
+        # None: the model's block_size, every token of which the model sees at once
+        self.max_prompt_tokens = max_prompt_tokens or self.model.config.block_size
         self.concurrency = concurrency
         self.created = int(Path(checkpoint.path).stat().st_mtime)
         self.device = str(next(self.model.parameters()).device)
@@ -429,13 +438,20 @@ class Engine:
 
     def encode_prompt(self, prompt: str, param: str = "prompt") -> list[int]:
         """The prompt's token ids (end-of-text for an empty one); ApiError(400) for text that is not
-        valid Unicode, refused by the tokenizer as it is for every caller."""
+        valid Unicode, refused by the tokenizer as it is for every caller, and for more tokens than
+        max_prompt_tokens."""
         from tinystories.tokenizer import InvalidTextError
 
         try:
-            return self.tokenizer.encode(prompt) or [self.tokenizer.eot_id]
+            ids = self.tokenizer.encode(prompt) or [self.tokenizer.eot_id]
         except InvalidTextError as e:
             raise ApiError(400, f"{param}: {e}", param) from None
+        if len(ids) > self.max_prompt_tokens:
+            raise ApiError(400, f"{param} has {len(ids):,} tokens; the most this server takes is "
+                                f"{self.max_prompt_tokens:,} (its --max-prompt-tokens; the model sees "
+                                f"{self.model.config.block_size:,} tokens at once): send a shorter one, such as "
+                                "the end of it", param, code="context_length_exceeded")
+        return ids
 
     async def pieces(self, request: CompletionRequest, prompt_ids: list[int]) -> AsyncIterator[Piece]:
         """The request's text as soon as it is whole: its tokens come from the scheduler's thread
@@ -604,6 +620,7 @@ def create_app(engine: Engine, limits: Limits = Limits()):
         config = engine.model.config
         return JSONResponse({
             "status": "ok", "model": engine.model_id, "max_tokens_cap": engine.max_tokens_cap,
+            "max_prompt_tokens": engine.max_prompt_tokens,
             "default_max_tokens": min(DEFAULT_MAX_TOKENS, engine.max_tokens_cap),
             "tokenizer": engine.tokenizer.name, "block_size": config.block_size,
             "vocab_size": config.vocab_size, "device": engine.device, "concurrency": engine.concurrency,
@@ -858,7 +875,7 @@ def run(args) -> int:
         dtype, why = decode_dtype_choice(device, args.dtype)  # before the load: --dtype int8 on a GPU fails at once
         ckpt = load_checkpoint(args.checkpoint, device)
         engine = Engine(ckpt, args.model_name or model_id_for(ckpt.path), args.max_tokens_cap, args.concurrency,
-                        dtype)
+                        dtype, args.max_prompt_tokens)
     except BaseException:
         sock.close()
         raise
@@ -866,9 +883,19 @@ def run(args) -> int:
     print(f"tinystories serve: {describe(device, dtype, why)}", flush=True)
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     n_params = sum(p.numel() for p in engine.model.parameters())
-    print(f"tinystories serve: {engine.model_id} ({n_params / 1e6:.2f}M parameters, {engine.tokenizer.name}) "
-          f"on {engine.device}, at http://{shown_host}:{port}/ (API: POST /v1/completions, /v1/chat/completions; "
-          "Ctrl-C stops)",
-          flush=True)
-    uvicorn.Server(uvicorn_config(app, args.host, port)).run(sockets=[sock])
+    address = (f"tinystories serve: {engine.model_id} ({n_params / 1e6:.2f}M parameters, {engine.tokenizer.name}) "
+               f"on {engine.device}, at http://{shown_host}:{port}/ (API: POST /v1/completions, "
+               "/v1/chat/completions; Ctrl-C stops)")
+
+    class Server(uvicorn.Server):
+        """Prints the address once the socket listens: `bind` does not, and a client (a script, a
+        test) that connects as soon as it reads the address would be refused until uvicorn's
+        startup has run."""
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                print(address, flush=True)
+
+    Server(uvicorn_config(app, args.host, port)).run(sockets=[sock])
     return 0
