@@ -94,6 +94,7 @@ from torch import Tensor
 from tinystories.decoding import PackedLinear, PackedMLP, decoding_copy
 from tinystories.generate import reach, sample_next, slides, window_start
 from tinystories.model import KVCache, rope_angles, rotate
+from tinystories.errors import one_line
 
 PREFILL_CHUNK = 64  # prompt tokens a prefill forward pass takes at once, and filled per round of the worker
 ATTENTION_BLOCK = 64  # keys a decode step's attention takes at once (Scheduler._attend)
@@ -230,7 +231,7 @@ class Scheduler:
                     self._fill()
                     self._decode()
                 except Exception as e:  # a bug: every running request hears of it, and the server goes on
-                    print(f"tinystories serve: the decode step failed: {type(e).__name__}: {e}", file=sys.stderr)
+                    print(f"tinystories serve: the decode step failed: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
                     with self.lock:
                         for job in self.running:
                             job.deliver(e)

@@ -104,7 +104,7 @@ from importlib import resources
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
-from tinystories.errors import UserError
+from tinystories.errors import UserError, one_line
 
 DEFAULT_MAX_TOKENS = 256
 MAX_PROMPT_CHARS = 100_000  # encoding is cheap, but not free: a few hundred KiB of prompt is a mistake
@@ -660,7 +660,7 @@ def create_app(engine: Engine, limits: Limits = Limits()):
                         yield sse({"id": cid, "object": shape.chunk_object, "created": created, "model": model_id,
                                    "choices": [], "usage": usage})
             except Exception as e:  # the status line is long gone: report in the stream, as OpenAI does
-                print(f"tinystories serve: generation failed: {type(e).__name__}: {e}", file=sys.stderr)
+                print(f"tinystories serve: generation failed: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
                 yield sse(ApiError(500, f"generation failed: {type(e).__name__}", type="server_error").body())
             yield sse("[DONE]")
 
