@@ -92,9 +92,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tinystories.decoding import PackedLinear, PackedMLP, decoding_copy
+from tinystories.errors import one_line
 from tinystories.generate import reach, sample_next, slides, window_start
 from tinystories.model import KVCache, rope_angles, rotate
-from tinystories.errors import one_line
 
 PREFILL_CHUNK = 64  # prompt tokens a prefill forward pass takes at once, and filled per round of the worker
 ATTENTION_BLOCK = 64  # keys a decode step's attention takes at once (Scheduler._attend)
