@@ -42,6 +42,10 @@ mlp.c_fc, mlp.c_proj, wte, wpe, ln_f keep their names. GPT-2's Conv1D weights ar
 nn.Linear. Llama / Qwen3 use export.llama_key_map backwards: q/k/v_proj stacked into c_attn,
 gate/up_proj into c_fc. Buffers of old transformers versions (attention masks, RoPE frequencies)
 are skipped; a tied lm_head must equal the token embedding, an untied one must be there.
+
+A folder may come from anyone: every file it names (an index's shards; config.json, the weights and
+the tokenizer files when they are symlinks) must resolve to a file inside it, or import refuses
+with one line naming the entry.
 """
 
 from __future__ import annotations
@@ -141,16 +145,70 @@ def locate(source, revision: str | None = None) -> Path:
 
 
 def _read_config(folder: Path) -> dict:
-    file = folder / "config.json"
-    if not file.is_file():
+    file = _present(folder, "config.json")
+    if file is None:
         raise UserError(f"{folder} has no config.json; it is not a transformers model folder")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{file} is not valid JSON ({e})") from None
+    config = _read_json(file)
     if not isinstance(config, dict):
         raise UserError(f"{file} is not a transformers config (not a JSON object)")
     return config
+
+
+def _read_json(file: Path):
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    # ValueError: bad JSON or UTF-8, or an integer of more than 4,300 digits; RecursionError: nesting
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{file} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise UserError(f"{file} cannot be read ({type(e).__name__})") from None
+
+
+def _present(folder: Path, name: str) -> Path | None:
+    """folder / name if it is a file (None if not), refused if a symlink takes it outside the folder."""
+    path = folder / name
+    return _inside(folder, name, str(path)) if _is_file(path) else None
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system
+        return False
+
+
+def _inside(folder: Path, name, what: str) -> Path:
+    """folder / name, refused with one line unless it is a file name that stays inside `folder`.
+
+    Files name other files (an index its shards), and a folder from someone else may name
+    /etc/passwd, ../../secret or a symlink to either: reading it would copy another file of this
+    machine into the checkpoint. So the path is resolved, symlinks included, and must end up inside
+    the folder, or, for a Hub cache snapshot (what snapshot_download returns), inside the cache's
+    own blobs/, which the snapshot's files link to. `what` names the entry for the message.
+    """
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise UserError(f"{what} is not a file name")
+    if os.path.isabs(name):
+        raise UserError(f"{what} is an absolute path; every file a model folder names must be inside it")
+    try:
+        root, target = folder.resolve(), (folder / name).resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # RuntimeError: a symlink loop
+        raise UserError(f"{what} cannot be followed ({type(e).__name__})") from None
+    roots = [root]
+    if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
+        roots.append((root.parent.parent / "blobs").resolve())
+    if target in roots:
+        raise UserError(f"{what} names the folder itself, not a file in it")
+    if not any(r in target.parents for r in roots):
+        raise UserError(f"{what} leads outside {folder} (to {target}); every file a model folder names "
+                        "must be inside it")
+    return folder / name
+
+
+def _short(value, limit: int = 80) -> str:
+    """repr(value) on one line of at most `limit` characters, for messages that quote a value."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # -----------------------------------------------------------------------------
@@ -299,24 +357,35 @@ def read_hf_weights(folder: Path) -> tuple[dict, dict]:
 
     for single, index in (("model.safetensors", "model.safetensors.index.json"),
                           ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        if (folder / index).is_file():
-            try:
-                names = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                raise UserError(f"{folder / index} is not a valid weight index ({type(e).__name__})") from None
-        elif (folder / single).is_file():
+        if (index_file := _present(folder, index)) is not None:
+            names = _shard_names(folder, index_file, suffix=Path(single).suffix)
+        elif _present(folder, single) is not None:
             names = [single]
         else:
             continue
         weights, files = {}, {}
         for name in names:
             path = folder / name
-            if not path.is_file():
+            if not _is_file(path):
                 raise UserError(f"{path} is missing (listed in {index}); the download is incomplete")
             weights.update(_load_weights_file(path, torch))
             files[name] = sha256_file(path)
         return weights, files
     raise UserError(f"{folder} has no weights (model.safetensors or pytorch_model.bin)")
+
+
+def _shard_names(folder: Path, index_file: Path, suffix: str) -> list[str]:
+    """The files an index's weight_map lists, each one a `suffix` file inside `folder` (see _inside)."""
+    index = _read_json(index_file)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UserError(f"{index_file} is not a valid weight index (no weight_map of tensor names to files)")
+    for tensor, name in weight_map.items():
+        what = f"{index_file}: the file of {_short(tensor, 200)}, {_short(name, 300)},"
+        _inside(folder, name, what)
+        if not name.endswith(suffix):
+            raise UserError(f"{what} is not a {suffix} file")
+    return sorted(set(weight_map.values()))
 
 
 def _load_weights_file(path: Path, torch) -> dict:
@@ -431,8 +500,8 @@ def tokenizer_from_hf(folder: Path, use_gpt2: bool = False):
                 for name, data in gpt2.items():
                     (Path(tmp) / name).write_bytes(data)
                 return load_gpt2(tmp)  # checks the hashes again, builds the tiktoken encoding
-        if (folder / BPE_FILE).is_file():
-            return BPETokenizer.from_file(folder / BPE_FILE)  # refuses a file without <|endoftext|>
+        if (bpe_file := _present(folder, BPE_FILE)) is not None:
+            return BPETokenizer.from_file(bpe_file)  # refuses a file without <|endoftext|>
         raise UserError(f"{folder}: the tokenizer (vocab.json + merges.txt) is not GPT-2's and there is no "
                         f"{BPE_FILE}; tinystories supports GPT-2's vocabulary or a tokenizers {BPE_FILE}")
     if use_gpt2:
@@ -443,13 +512,14 @@ def tokenizer_from_hf(folder: Path, use_gpt2: bool = False):
 
 def _read_vocab_and_merges(folder: Path) -> tuple[dict | None, list[str] | None]:
     """A BPE's vocabulary and merges ("a b" strings) from vocab.json + merges.txt or tokenizer.json."""
+    vocab_file, merges_file, bpe_file = (_present(folder, name) for name in ("vocab.json", "merges.txt", BPE_FILE))
     try:
-        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-            lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+        if vocab_file is not None and merges_file is not None:
+            vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+            lines = merges_file.read_text(encoding="utf-8").splitlines()
             return vocab, [line for line in lines if line and not line.startswith("#version")]
-        if (folder / BPE_FILE).is_file():
-            tok = json.loads((folder / BPE_FILE).read_text(encoding="utf-8"))
+        if bpe_file is not None:
+            tok = json.loads(bpe_file.read_text(encoding="utf-8"))
             model = tok.get("model") or {}
             if model.get("type") != "BPE":
                 raise UserError(f"{folder / BPE_FILE} is not a BPE tokenizer ({model.get('type')}); not supported")

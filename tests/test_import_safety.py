@@ -1,0 +1,220 @@
+"""`tinystories import` on hostile or broken Hugging Face folders: refused at the cause, in one line.
+
+Paths: every file a model folder names (the shards of an index, and config.json, the weights and
+the tokenizer files themselves as symlinks) must stay inside the folder once resolved.
+
+The folders are tiny random transformers models (GPT2LMHeadModel, LlamaForCausalLM, GPTNeoForCausalLM)
+saved with save_pretrained and our 512-token BPE beside them; no network.
+"""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never the network
+
+from tinystories.checkpoint import load_checkpoint  # noqa: E402
+from tinystories.cli import main  # noqa: E402
+from tinystories.export import tokenizer_files  # noqa: E402
+from tinystories.hf_import import import_hf  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file  # noqa: E402
+
+WIDTH, HEADS, LAYERS, POSITIONS = 32, 4, 2, 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is fastest on a busy 2-core machine (see test_neo.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def save_hf(model, folder, tok, **kwargs):
+    """A transformers model folder as save_pretrained writes it, with our tokenizer files beside."""
+    model.save_pretrained(folder, **kwargs)
+    for name, data in tokenizer_files(tok, POSITIONS).items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def random_model(kind: str, vocab_size: int):
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=POSITIONS, n_embd=WIDTH, n_layer=LAYERS,
+                                         n_head=HEADS)
+    elif kind == "llama":
+        config = transformers.LlamaConfig(
+            vocab_size=vocab_size, hidden_size=WIDTH, intermediate_size=48, num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS, num_key_value_heads=HEADS, head_dim=WIDTH // HEADS,
+            max_position_embeddings=POSITIONS, tie_word_embeddings=True)
+    else:
+        config = transformers.GPTNeoConfig(
+            vocab_size=vocab_size, max_position_embeddings=POSITIONS, hidden_size=WIDTH, num_layers=LAYERS,
+            num_heads=HEADS, attention_types=[[["global", "local"], 1]], window_size=8)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, bpe):
+    """kind -> a saved tiny model folder: gpt2, llama, gpt_neo, and gpt2 in shards (with an index)."""
+    root = tmp_path_factory.mktemp("hf")
+    made = {kind: save_hf(random_model(kind, bpe.vocab_size), root / kind, bpe)
+            for kind in ("gpt2", "llama", "gpt_neo")}
+    made["sharded"] = save_hf(random_model("gpt2", bpe.vocab_size), root / "sharded", bpe, max_shard_size=40_000)
+    assert (made["sharded"] / "model.safetensors.index.json").is_file()
+    return made
+
+
+@pytest.fixture
+def copy(folders, tmp_path):
+    """A fresh copy of one of `folders` under tmp_path/"hf" (with tmp_path/"outside" beside it)."""
+    def make(kind):
+        folder = tmp_path / "hf"
+        shutil.copytree(folders[kind], folder)
+        (tmp_path / "outside").mkdir()
+        return folder
+    return make
+
+
+def refused(folder, tmp_path, capfd, message: str) -> str:
+    """`tinystories import` of `folder`: exit 2, one line on stderr holding `message`, nothing written."""
+    capfd.readouterr()
+    out = tmp_path / "ckpt"
+    assert main(["import", "--from", str(folder), "--out", str(out)]) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert message in err, err
+    assert not out.exists()
+    return err
+
+
+def edit_json(path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))  # NaN and Infinity as Python's json writes (and reads) them
+
+
+def set_config(folder, **changes) -> None:
+    edit_json(folder / "config.json", lambda c: c.update(changes))
+
+
+# -----------------------------------------------------------------------------
+# Paths: every file a folder names stays inside it
+
+
+def test_a_sharded_folder_imports(folders, tmp_path, bpe):
+    import_hf(folders["sharded"], tmp_path / "ckpt")
+    ckpt = load_checkpoint(tmp_path / "ckpt")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folders["sharded"])
+    assert torch.equal(ckpt.model.transformer.wte.weight, hf.transformer.wte.weight)
+    assert len(ckpt.config["imported_from"]["files"]) > 1  # every shard was read, and its hash recorded
+
+
+def first_shard(folder) -> str:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    return sorted(set(index["weight_map"].values()))[0]
+
+
+def point_first_shard_at(folder, name) -> None:
+    """The index names `name` in place of its first shard, for every tensor that shard held."""
+    shard = first_shard(folder)
+    edit_json(folder / "model.safetensors.index.json",
+              lambda i: i["weight_map"].update({k: name for k, v in i["weight_map"].items() if v == shard}))
+
+
+def test_an_absolute_shard_path_is_refused(copy, tmp_path, capfd):
+    folder = copy("sharded")
+    stolen = tmp_path / "outside" / "elsewhere.safetensors"  # a real weights file elsewhere on disk
+    shutil.copy(folder / first_shard(folder), stolen)
+    point_first_shard_at(folder, str(stolen))
+    err = refused(folder, tmp_path, capfd, f"{str(stolen)!r}, is an absolute path")
+    assert "model.safetensors.index.json" in err
+
+
+@pytest.mark.parametrize("name", ["../outside/elsewhere.safetensors", "../../../../../../../../etc/passwd",
+                                  "sub/../../outside/elsewhere.safetensors"])
+def test_a_shard_path_leading_out_of_the_folder_is_refused(copy, tmp_path, capfd, name):
+    folder = copy("sharded")
+    shutil.copy(folder / first_shard(folder), tmp_path / "outside" / "elsewhere.safetensors")
+    point_first_shard_at(folder, name)
+    refused(folder, tmp_path, capfd, f"{name!r}, leads outside {folder}")
+
+
+def test_a_shard_that_is_a_symlink_out_of_the_folder_is_refused(copy, tmp_path, capfd):
+    folder = copy("sharded")
+    shard = first_shard(folder)
+    target = tmp_path / "outside" / shard
+    shutil.move(folder / shard, target)
+    (folder / shard).symlink_to(target)
+    refused(folder, tmp_path, capfd, f"{shard!r}, leads outside {folder} (to {target})")
+
+
+def test_a_single_weights_file_and_config_that_are_symlinks_out_of_the_folder_are_refused(copy, tmp_path, capfd):
+    folder = copy("gpt2")
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        target = tmp_path / "outside" / name
+        shutil.move(folder / name, target)
+        (folder / name).symlink_to(target)
+        refused(folder, tmp_path, capfd, f"{folder / name} leads outside {folder} (to {target})")
+        (folder / name).unlink()
+        shutil.move(target, folder / name)
+    import_hf(folder, tmp_path / "ckpt")  # each put back: the folder imports
+
+
+def test_a_hub_cache_snapshot_whose_files_link_into_its_blobs_imports(folders, tmp_path):
+    """snapshot_download's layout: snapshots/<revision>/<name> -> ../../blobs/<hash>."""
+    repo = tmp_path / "models--someone--tiny"
+    snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for i, p in enumerate(sorted(folders["sharded"].iterdir())):
+        shutil.copy(p, blobs / f"blob{i}")
+        (snapshot / p.name).symlink_to(f"../../blobs/blob{i}")
+    import_hf(snapshot, tmp_path / "ckpt")
+    assert load_checkpoint(tmp_path / "ckpt").model_config.n_layer == LAYERS
+
+
+@pytest.mark.parametrize("name, message", [
+    (5, "5, is not a file name"),
+    (None, "None, is not a file name"),
+    (["model-00001.safetensors"], "['model-00001.safetensors'], is not a file name"),
+    ({"a": 1}, "{'a': 1}, is not a file name"),
+    ("", "'', is not a file name"),
+    ("model\x00.safetensors", "is not a file name"),
+    ("config.json", "'config.json', is not a .safetensors file"),
+])
+def test_a_shard_name_that_is_not_a_file_name_is_refused(copy, tmp_path, capfd, name, message):
+    folder = copy("sharded")
+    point_first_shard_at(folder, name)
+    refused(folder, tmp_path, capfd, message)
+
+
+@pytest.mark.parametrize("index", [[], {"weight_map": []}, {"weight_map": {}}, {"metadata": {}}, "x"])
+def test_an_index_without_a_weight_map_is_refused(copy, tmp_path, capfd, index):
+    folder = copy("sharded")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    refused(folder, tmp_path, capfd, "is not a valid weight index")
+
+
+def test_the_pytorch_bin_index_is_held_to_the_same_rule(copy, tmp_path, capfd):
+    folder = copy("gpt2")
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(state, tmp_path / "outside" / "pytorch_model-00001-of-00001.bin")
+    weight_map = {k: str(tmp_path / "outside" / "pytorch_model-00001-of-00001.bin") for k in state}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    refused(folder, tmp_path, capfd, "is an absolute path")
+    weight_map = {k: "../outside/pytorch_model-00001-of-00001.bin" for k in state}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    refused(folder, tmp_path, capfd, "leads outside")
+    shutil.move(tmp_path / "outside" / "pytorch_model-00001-of-00001.bin", folder)
+    weight_map = {k: "pytorch_model-00001-of-00001.bin" for k in state}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    import_hf(folder, tmp_path / "ckpt")  # inside the folder: imported
