@@ -1,7 +1,9 @@
 """`tinystories import` on hostile or broken Hugging Face folders: refused at the cause, in one line.
 
-Paths: every file a model folder names (the shards of an index, and config.json, the weights and
-the tokenizer files themselves as symlinks) must stay inside the folder once resolved.
+Two causes, each refused before anything is built from it:
+  - paths: every file a model folder names (the shards of an index, and config.json, the weights
+    and the tokenizer files themselves as symlinks) must stay inside the folder once resolved;
+  - config.json: every value import reads has its type checked.
 
 The folders are tiny random transformers models (GPT2LMHeadModel, LlamaForCausalLM, GPTNeoForCausalLM)
 saved with save_pretrained and our 512-token BPE beside them; no network.
@@ -218,3 +220,59 @@ def test_the_pytorch_bin_index_is_held_to_the_same_rule(copy, tmp_path, capfd):
     weight_map = {k: "pytorch_model-00001-of-00001.bin" for k in state}
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     import_hf(folder, tmp_path / "ckpt")  # inside the folder: imported
+
+
+# -----------------------------------------------------------------------------
+# config.json: every value read has its type checked
+
+
+@pytest.mark.parametrize("kind, changes, message", [
+    ("llama", dict(model_type=["llama"]), "model_type must be a string or null, got ['llama']"),
+    ("gpt2", dict(model_type=2), "model_type must be a string or null, got 2"),
+    ("gpt2", dict(n_layer="2"), "n_layer must be a positive integer, got '2'"),
+    ("gpt2", dict(n_layer=2.0), "n_layer must be a positive integer, got 2.0"),
+    ("gpt2", dict(n_layer=True), "n_layer must be a positive integer, got True"),
+    ("gpt2", dict(n_head=-4), "n_head must be a positive integer, got -4"),
+    ("gpt2", dict(n_head=0), "n_head must be a positive integer, got 0"),
+    ("gpt2", dict(vocab_size=None), "vocab_size must be a positive integer, got None"),
+    ("gpt2", dict(n_embd=2**64), "n_embd must be a positive integer, got 18446744073709551616"),
+    ("gpt2", dict(n_inner=-1), "n_inner must be a positive integer or null, got -1"),
+    ("gpt2", dict(resid_pdrop="abc"), "resid_pdrop must be a number in [0, 1), got 'abc'"),
+    ("gpt2", dict(layer_norm_epsilon=0), "layer_norm_epsilon must be a positive finite number, got 0"),
+    ("gpt2", dict(tie_word_embeddings="yes"), "tie_word_embeddings must be true or false, got 'yes'"),
+    ("gpt2", dict(scale_attn_weights=1), "scale_attn_weights must be true or false, got 1"),
+    ("gpt2", dict(activation_function=["gelu_new"]), "activation_function must be a string, got ['gelu_new']"),
+    ("gpt2", dict(transformers_version=4.4), "transformers_version must be a string or null, got 4.4"),
+    ("llama", dict(rope_theta=0), "rope_theta must be a positive finite number, got 0"),
+    ("llama", dict(rope_theta=-10000.0), "rope_theta must be a positive finite number, got -10000.0"),
+    ("llama", dict(rope_theta=float("nan")), "rope_theta must be a positive finite number, got nan"),
+    ("llama", dict(rope_theta=float("inf")), "rope_theta must be a positive finite number, got inf"),
+    ("llama", dict(rope_theta="10000"), "rope_theta must be a positive finite number, got '10000'"),
+    ("llama", dict(rope_parameters={"rope_type": "default", "rope_theta": 0}),
+     "rope_parameters: rope_theta must be a positive finite number, got 0"),
+    ("llama", dict(rope_theta=500.0), "the RoPE bases disagree (rope_parameters.rope_theta 10000.0, rope_theta 500.0)"),
+    ("llama", dict(rope_scaling=[1]), "rope_scaling must be an object or null, got [1]"),
+    ("llama", dict(num_key_value_heads="4"), "num_key_value_heads must be a positive integer or null, got '4'"),
+    ("llama", dict(head_dim=False), "head_dim must be a positive integer or null, got False"),
+    ("llama", dict(rms_norm_eps=float("-inf")), "rms_norm_eps must be a positive finite number, got -inf"),
+    ("llama", dict(attention_dropout=1.5), "attention_dropout must be a number in [0, 1) or null, got 1.5"),
+    ("llama", dict(attention_bias="false"), "attention_bias must be true or false, got 'false'"),
+    ("gpt_neo", dict(attention_types="global"), "attention_types must be a list or null, got 'global'"),
+    ("gpt_neo", dict(attention_types=[[["global"], 10**18]]), "makes 1000000000000000000 layers"),
+    ("gpt_neo", dict(attention_types=[[["global"], True]]), "is not GPT-Neo's [[[kinds...], repeat], ...] form"),
+    ("gpt_neo", dict(window_size=0), "window_size must be a positive integer, got 0"),
+])
+def test_a_config_value_of_the_wrong_type_is_refused(copy, tmp_path, capfd, kind, changes, message):
+    folder = copy(kind)
+    set_config(folder, **changes)
+    refused(folder, tmp_path, capfd, message)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[" * 100_000, "is not valid JSON"),  # nested deeper than the JSON reader recurses
+    ('{"model_type": "gpt2", "n_layer": 1' + "0" * 5000 + "}", "is not valid JSON"),  # past int()'s digit limit
+])
+def test_a_config_json_that_cannot_be_read_is_refused(copy, tmp_path, capfd, text, message):
+    folder = copy("gpt2")
+    (folder / "config.json").write_text(text)
+    refused(folder, tmp_path, capfd, message)

@@ -43,9 +43,10 @@ nn.Linear. Llama / Qwen3 use export.llama_key_map backwards: q/k/v_proj stacked 
 gate/up_proj into c_fc. Buffers of old transformers versions (attention masks, RoPE frequencies)
 are skipped; a tied lm_head must equal the token embedding, an untied one must be there.
 
-A folder may come from anyone: every file it names (an index's shards; config.json, the weights and
-the tokenizer files when they are symlinks) must resolve to a file inside it, or import refuses
-with one line naming the entry.
+A folder may come from anyone, so nothing in it is trusted: every file it names (an index's shards;
+config.json, the weights and the tokenizer files when they are symlinks) must resolve to a file
+inside it, and every config.json value read has its type checked. Each refusal is one line naming
+what is wrong.
 """
 
 from __future__ import annotations
@@ -53,12 +54,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
 from pathlib import Path
 
-from tinystories.config import ModelConfig
+from tinystories.config import INT64_MAX, ModelConfig
 from tinystories.errors import UserError
 from tinystories.outputs import check_output_dir
 from tinystories.tokenizer import BPE_FILE, EOT, GPT2_FILES, sha256_file
@@ -75,6 +77,10 @@ BUFFERS = (".attn.attention.bias", ".attn.attention.masked_bias", ".attn.bias", 
 # HF GPT-2's Conv1D layers store (in, out); ours are nn.Linear (out, in).
 GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")  # both are 0.5x(1 + tanh(...)), = F.gelu(approximate="tanh")
+# attention_types is expanded before the weights are read (which then must agree with it layer for
+# layer), so a repeat count of 10**18 in config.json would fill the memory first. No model has come
+# near this many layers; the bound only keeps the list from being absurd.
+MAX_LAYERS = 2**20
 
 
 def run(args) -> int:
@@ -101,6 +107,7 @@ def import_hf(source, out, *, tokenizer: str = "auto", revision: str | None = No
     folder = locate(source, revision)
     hf = _read_config(folder)
     architecture, model_cfg = model_config_from_hf(hf, where=folder / "config.json")
+    version = _field(hf, "transformers_version", None, "str", folder / "config.json", optional=True)
     tok = tokenizer_from_hf(folder, use_gpt2=tokenizer == "gpt2")
     if tok.vocab_size > model_cfg.vocab_size:
         raise UserError(f"{folder}: the tokenizer has {tok.vocab_size} tokens but the model only {model_cfg.vocab_size}")
@@ -111,7 +118,7 @@ def import_hf(source, out, *, tokenizer: str = "auto", revision: str | None = No
     model.load_state_dict(ours, strict=False)  # strict=False: a tied lm_head is wte, not in `ours`
     provenance = {
         "source": str(source), "revision": revision, "architecture": architecture,
-        "transformers_version": hf.get("transformers_version"), "files": files,
+        "transformers_version": version, "files": files,
     }
     return save_checkpoint(out, model, tok, step=0, val_loss=None, extra={"imported_from": provenance})
 
@@ -213,20 +220,62 @@ def _short(value, limit: int = 80) -> str:
 
 # -----------------------------------------------------------------------------
 # config.json -> ModelConfig
+#
+# A config.json written by hand or by someone hostile can hold any JSON value under any key. Every
+# value import reads goes through `_field`, which refuses the wrong type by its own name (not as a
+# TypeError somewhere in torch, nor silently replaced by a default).
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# kind -> (what the message asks for, the check); counts fit torch's 64-bit integers
+KINDS = {
+    "count": ("a positive integer", lambda v: _is_int(v) and 1 <= v <= INT64_MAX),
+    "positive": ("a positive finite number", lambda v: _is_number(v) and v > 0),
+    "dropout": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "object": ("an object", lambda v: isinstance(v, dict)),
+    "list": ("a list", lambda v: isinstance(v, list)),
+}
+
+
+def _field(hf: dict, key: str, default, kind: str, where, *, optional: bool = False):
+    """hf[key], or `default` where config.json leaves it out, refused with one line unless it is of
+    `kind` (see KINDS); null passes only where transformers accepts it (`optional`)."""
+    value = hf.get(key, default)
+    if value is None and optional:
+        return None
+    want, ok = KINDS[kind]
+    if not ok(value):
+        raise UserError(f"{where}: {key} must be {want}{' or null' if optional else ''}, got {_short(value)}")
+    return value
 
 
 def expand_attention_types(attention_types) -> list[str]:
     """GPT-Neo's run-length form, [[["global", "local"], 2]], as one entry per layer."""
-    try:
-        return [kind for kinds, repeat in attention_types for _ in range(repeat) for kind in kinds]
-    except (TypeError, ValueError):
-        raise UserError(f"attention_types {attention_types!r} is not GPT-Neo's [[[kinds...], repeat], ...] form") from None
+    form = f"attention_types {_short(attention_types)} is not GPT-Neo's [[[kinds...], repeat], ...] form"
+    pairs = attention_types if isinstance(attention_types, (list, tuple)) else [None]
+    if not all(isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], (list, tuple))
+               and all(isinstance(k, str) for k in p[0]) and _is_int(p[1]) and p[1] >= 0 for p in pairs):
+        raise UserError(form)
+    n_layer = sum(len(kinds) * repeat for kinds, repeat in pairs)
+    if n_layer > MAX_LAYERS:
+        raise UserError(f"attention_types {_short(attention_types)} makes {n_layer} layers; "
+                        f"tinystories imports at most {MAX_LAYERS:,}")
+    return [kind for kinds, repeat in pairs for _ in range(repeat) for kind in kinds]
 
 
 def model_config_from_hf(hf: dict, where="config.json") -> tuple[str, ModelConfig]:
     """("GPT-Neo", "GPT-2", "Llama" or "Qwen3", our config) for a transformers config dict; refuse
     what we cannot compute."""
-    model_type = hf.get("model_type")
+    model_type = _field(hf, "model_type", None, "str", where, optional=True)
     if model_type == "gpt_neo":
         return "GPT-Neo", _neo_config(hf, where)
     if model_type == "gpt2":
@@ -246,36 +295,45 @@ def _require(where, checks: dict) -> None:
 
 def _neo_config(hf: dict, where) -> ModelConfig:
     # Missing keys take GPTNeoConfig's defaults, as transformers would.
-    width = hf.get("hidden_size", 2048)
-    n_layer = hf.get("num_layers", hf.get("num_hidden_layers", 24))
-    layers = expand_attention_types(hf.get("attention_types") or [[["global", "local"], 12]])
+    width = _field(hf, "hidden_size", 2048, "count", where)
+    n_layer = _field(hf, "num_layers" if "num_layers" in hf else "num_hidden_layers", 24, "count", where)
+    heads = _field(hf, "num_heads" if "num_heads" in hf else "num_attention_heads", 16, "count", where)
+    attention_types = _field(hf, "attention_types", None, "list", where, optional=True)
+    layers = expand_attention_types([[["global", "local"], 12]] if attention_types is None else attention_types)
+    activation = _field(hf, "activation_function", "gelu_new", "str", where)
     _require(where, {
-        "activation_function gelu_new": hf.get("activation_function", "gelu_new") in TANH_GELU,
+        "activation_function gelu_new": activation in TANH_GELU,
         f"one attention type per layer ({n_layer})": len(layers) == n_layer,
         "attention_layers equal to attention_types expanded": hf.get("attention_layers", layers) == layers,
     })
     return ModelConfig(
-        n_layer=n_layer, n_head=hf.get("num_heads", hf.get("num_attention_heads", 16)), n_embd=width,
-        block_size=hf.get("max_position_embeddings", 2048), vocab_size=hf.get("vocab_size", 50257),
-        dropout=float(hf.get("resid_dropout", 0.0)), bias=True, attention_layers=layers,
-        window_size=hf.get("window_size", 256), scale_attention=False, qkv_bias=False,
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp_hidden=_mlp_hidden(hf.get("intermediate_size"), width),
-        tie_embeddings=hf.get("tie_word_embeddings", True),
+        n_layer=n_layer, n_head=heads, n_embd=width,
+        block_size=_field(hf, "max_position_embeddings", 2048, "count", where),
+        vocab_size=_field(hf, "vocab_size", 50257, "count", where),
+        dropout=float(_field(hf, "resid_dropout", 0.0, "dropout", where)), bias=True, attention_layers=layers,
+        window_size=_field(hf, "window_size", 256, "count", where), scale_attention=False, qkv_bias=False,
+        norm_eps=_field(hf, "layer_norm_epsilon", 1e-5, "positive", where),
+        mlp_hidden=_mlp_hidden(_field(hf, "intermediate_size", None, "count", where, optional=True), width),
+        tie_embeddings=_field(hf, "tie_word_embeddings", True, "bool", where),
     )
 
 
 def _gpt2_config(hf: dict, where) -> ModelConfig:
-    width = hf.get("n_embd", 768)
+    width = _field(hf, "n_embd", 768, "count", where)
     _require(where, {
-        "activation_function gelu_new": hf.get("activation_function", "gelu_new") in TANH_GELU,
-        "scale_attn_weights true": hf.get("scale_attn_weights", True) is True,
-        "scale_attn_by_inverse_layer_idx false": hf.get("scale_attn_by_inverse_layer_idx", False) is False,
+        "activation_function gelu_new": _field(hf, "activation_function", "gelu_new", "str", where) in TANH_GELU,
+        "scale_attn_weights true": _field(hf, "scale_attn_weights", True, "bool", where) is True,
+        "scale_attn_by_inverse_layer_idx false":
+            _field(hf, "scale_attn_by_inverse_layer_idx", False, "bool", where) is False,
     })
     return ModelConfig(
-        n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=width,
-        block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
-        dropout=float(hf.get("resid_pdrop", 0.1)), bias=True, norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        mlp_hidden=_mlp_hidden(hf.get("n_inner"), width), tie_embeddings=hf.get("tie_word_embeddings", True),
+        n_layer=_field(hf, "n_layer", 12, "count", where), n_head=_field(hf, "n_head", 12, "count", where),
+        n_embd=width, block_size=_field(hf, "n_positions", 1024, "count", where),
+        vocab_size=_field(hf, "vocab_size", 50257, "count", where),
+        dropout=float(_field(hf, "resid_pdrop", 0.1, "dropout", where)), bias=True,
+        norm_eps=_field(hf, "layer_norm_epsilon", 1e-5, "positive", where),
+        mlp_hidden=_mlp_hidden(_field(hf, "n_inner", None, "count", where, optional=True), width),
+        tie_embeddings=_field(hf, "tie_word_embeddings", True, "bool", where),
     )
 
 
@@ -305,42 +363,51 @@ def _llama_config(hf: dict, model_type: str, where) -> ModelConfig:
     """
     defaults = LLAMA_DEFAULTS[model_type]
 
-    def get(key):
-        return hf[key] if key in hf else defaults[key]
+    def get(key, kind, optional=False):
+        return _field(hf, key, defaults[key], kind, where, optional=optional)
 
-    width, heads = get("hidden_size"), get("num_attention_heads")
-    kv_heads = heads if get("num_key_value_heads") is None else get("num_key_value_heads")
-    head_dim = get("head_dim")
+    width, heads = get("hidden_size", "count"), get("num_attention_heads", "count")
+    kv_heads = get("num_key_value_heads", "count", optional=True)
+    kv_heads = heads if kv_heads is None else kv_heads
+    head_dim = get("head_dim", "count", optional=True)
     if head_dim is None:  # LlamaConfig: hidden_size / num_attention_heads
-        head_dim = width // heads if isinstance(width, int) and isinstance(heads, int) and heads > 0 else None
+        head_dim = width // heads
     # transformers 5 keeps RoPE settings in rope_parameters, earlier versions in rope_theta + rope_scaling
-    ropes = [r for r in (hf.get("rope_parameters"), hf.get("rope_scaling")) if r]
-    plain_rope = all(isinstance(r, dict) and set(r) <= {"rope_type", "type", "rope_theta"}
-                     and r.get("rope_type", r.get("type", "default")) == "default" for r in ropes)
-    theta = next((r["rope_theta"] for r in ropes if isinstance(r, dict) and r.get("rope_theta")), None)
-    theta = theta or hf.get("rope_theta") or 10000.0
+    ropes = {key: _field(hf, key, None, "object", where, optional=True) for key in ("rope_parameters", "rope_scaling")}
+    plain_rope = all(set(r) <= {"rope_type", "type", "rope_theta"}
+                     and r.get("rope_type", r.get("type", "default")) == "default" for r in ropes.values() if r)
+    # Every RoPE base config.json gives is checked, and they must agree: which one a transformers
+    # version reads differs, so importing one of two would be a guess.
+    thetas = {f"{key}.rope_theta": _field(r, "rope_theta", None, "positive", f"{where}: {key}")
+              for key, r in ropes.items() if r and "rope_theta" in r}
+    if "rope_theta" in hf:
+        thetas["rope_theta"] = _field(hf, "rope_theta", None, "positive", where)
+    if len(set(thetas.values())) > 1:
+        raise UserError(f"{where}: the RoPE bases disagree ({', '.join(f'{k} {v}' for k, v in thetas.items())})")
+    theta = next(iter(thetas.values()), 10000.0)
     checks = {
-        "hidden_act silu": hf.get("hidden_act", "silu") == "silu",
+        "hidden_act silu": _field(hf, "hidden_act", "silu", "str", where) == "silu",
         f"num_key_value_heads equal to num_attention_heads ({heads}; grouped-query attention is not supported)":
             kv_heads == heads,
-        f"head_dim equal to hidden_size / num_attention_heads ({width} / {heads})":
-            isinstance(head_dim, int) and isinstance(heads, int) and head_dim * heads == width,
+        f"head_dim equal to hidden_size / num_attention_heads ({width} / {heads})": head_dim * heads == width,
         "plain RoPE (rope_type default, no rope_scaling or partial_rotary_factor)":
-            plain_rope and hf.get("partial_rotary_factor") in (None, 1.0),
-        "attention_bias false": hf.get("attention_bias", False) is False,
+            plain_rope and _field(hf, "partial_rotary_factor", None, "positive", where, optional=True) in (None, 1.0),
+        "attention_bias false": _field(hf, "attention_bias", False, "bool", where) is False,
     }
     if model_type == "llama":
-        checks["mlp_bias false"] = hf.get("mlp_bias", False) is False
+        checks["mlp_bias false"] = _field(hf, "mlp_bias", False, "bool", where) is False
     else:  # Qwen3's sliding window is off unless use_sliding_window (then its upper layers use it)
-        checks["use_sliding_window false"] = hf.get("use_sliding_window", False) is False
-        checks["every layer full_attention"] = all(t == "full_attention" for t in hf.get("layer_types") or [])
+        checks["use_sliding_window false"] = _field(hf, "use_sliding_window", False, "bool", where) is False
+        layer_types = _field(hf, "layer_types", None, "list", where, optional=True) or []
+        checks["every layer full_attention"] = all(t == "full_attention" for t in layer_types)
     _require(where, checks)
     cfg = ModelConfig(
-        n_layer=get("num_hidden_layers"), n_head=heads, n_embd=width, block_size=get("max_position_embeddings"),
-        vocab_size=get("vocab_size"), dropout=float(hf.get("attention_dropout") or 0.0), bias=False,
-        pos_embedding="rope", rope_theta=float(theta), norm="rmsnorm", norm_eps=get("rms_norm_eps"), mlp="swiglu",
-        mlp_hidden=get("intermediate_size"), qk_norm=model_type == "qwen3",
-        tie_embeddings=get("tie_word_embeddings"),
+        n_layer=get("num_hidden_layers", "count"), n_head=heads, n_embd=width,
+        block_size=get("max_position_embeddings", "count"), vocab_size=get("vocab_size", "count"),
+        dropout=float(_field(hf, "attention_dropout", 0.0, "dropout", where, optional=True) or 0.0), bias=False,
+        pos_embedding="rope", rope_theta=float(theta), norm="rmsnorm", norm_eps=get("rms_norm_eps", "positive"),
+        mlp="swiglu", mlp_hidden=get("intermediate_size", "count"), qk_norm=model_type == "qwen3",
+        tie_embeddings=get("tie_word_embeddings", "bool"),
     )
     if cfg.mlp_hidden == dataclasses.replace(cfg, mlp_hidden=None).hidden_size:
         cfg.mlp_hidden = None  # our default width for this n_embd: export and import give the same config
@@ -522,14 +589,15 @@ def _read_vocab_and_merges(folder: Path) -> tuple[dict | None, list[str] | None]
             tok = json.loads(bpe_file.read_text(encoding="utf-8"))
             model = tok.get("model") or {}
             if model.get("type") != "BPE":
-                raise UserError(f"{folder / BPE_FILE} is not a BPE tokenizer ({model.get('type')}); not supported")
+                raise UserError(f"{bpe_file} is not a BPE tokenizer ({_short(model.get('type'))}); not supported")
             vocab = dict(model.get("vocab") or {})
             for added in tok.get("added_tokens") or []:  # <|endoftext|> may live only here
                 vocab.setdefault(added["content"], added["id"])
             # tokenizers wrote merges as "a b" strings, newer versions as ["a", "b"] pairs
             merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
             return vocab, merges
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    # ValueError: bad JSON or UTF-8; the others: JSON of another shape than a tokenizer's
+    except (ValueError, RecursionError, KeyError, TypeError, AttributeError, OSError) as e:
         raise UserError(f"{folder}: the tokenizer files are damaged ({type(e).__name__}: {e})") from None
     return None, None
 
@@ -541,7 +609,7 @@ def _as_openai_gpt2_files(vocab: dict, merges: list[str]) -> dict[str, bytes] | 
     one merge per line, so rewriting the vocabulary that way reproduces their files bit for bit;
     their sha256 then proves it is the same tokenizer.
     """
-    if not isinstance(vocab, dict) or vocab.get(EOT) != 50256:
+    if not isinstance(vocab, dict) or vocab.get(EOT) != 50256 or not all(_is_int(i) for i in vocab.values()):
         return None
     files = {
         "encoder.json": json.dumps(dict(sorted(vocab.items(), key=lambda kv: kv[1]))).encode("utf-8"),
