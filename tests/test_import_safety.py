@@ -1,9 +1,11 @@
 """`tinystories import` on hostile or broken Hugging Face folders: refused at the cause, in one line.
 
-Two causes, each refused before anything is built from it:
+Three causes, each refused before anything is built from it:
   - paths: every file a model folder names (the shards of an index, and config.json, the weights
     and the tokenizer files themselves as symlinks) must stay inside the folder once resolved;
-  - config.json: every value import reads has its type checked.
+  - config.json: every value import reads has its type checked, and the layer count, width and
+    vocabulary size must agree with the tensors' names and shapes;
+  - tensors: floating point and finite only.
 
 The folders are tiny random transformers models (GPT2LMHeadModel, LlamaForCausalLM, GPTNeoForCausalLM)
 saved with save_pretrained and our 512-token BPE beside them; no network.
@@ -20,11 +22,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 
 from tinystories.checkpoint import load_checkpoint  # noqa: E402
 from tinystories.cli import main  # noqa: E402
+from tinystories.errors import UserError  # noqa: E402
 from tinystories.export import tokenizer_files  # noqa: E402
 from tinystories.hf_import import import_hf  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
-from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 WIDTH, HEADS, LAYERS, POSITIONS = 32, 4, 2, 64
 
@@ -223,6 +226,46 @@ def test_the_pytorch_bin_index_is_held_to_the_same_rule(copy, tmp_path, capfd):
 
 
 # -----------------------------------------------------------------------------
+# config.json against the weights: compared before anything is built
+
+
+@pytest.mark.parametrize("kind, changes, message", [
+    ("gpt2", dict(n_layer=100_000), "config.json says n_layer 100000 but the weights hold 2"),
+    ("gpt2", dict(n_layer=1), "config.json says n_layer 1 but the weights hold 2"),
+    ("llama", dict(num_hidden_layers=100_000), "config.json says num_hidden_layers 100000 but the weights hold 2"),
+    ("llama", dict(num_hidden_layers=1), "config.json says num_hidden_layers 1 but the weights hold 2"),
+    ("gpt_neo", dict(num_layers=4, attention_types=[[["global", "local"], 2]],
+                     attention_layers=["global", "local"] * 2),
+     "config.json says num_layers 4 but the weights hold 2"),
+    ("gpt2", dict(n_embd=64), "n_embd 64, but the token embedding transformer.wte.weight is 512 x 32"),
+    ("llama", dict(hidden_size=64, head_dim=16), "hidden_size 64, but the token embedding model.embed_tokens.weight "
+                                                 "is 512 x 32"),
+    ("gpt2", dict(vocab_size=1000), "vocab_size 1000 and n_embd 32, but the token embedding"),
+    ("gpt2", dict(n_inner=96), "transformer.h.0.mlp.c_fc.bias is 128, config.json makes it 96"),
+    ("llama", dict(intermediate_size=64), "wrong shape ['transformer.h.0.mlp.c_fc.weight'"),
+    ("gpt2", dict(n_positions=128), "transformer.wpe.weight is 64 x 32, config.json makes it 128 x 32"),
+])
+def test_a_config_that_disagrees_with_the_weights_is_refused(copy, tmp_path, capfd, kind, changes, message):
+    folder = copy(kind)
+    set_config(folder, **changes)
+    refused(folder, tmp_path, capfd, message)
+
+
+def test_many_layers_in_config_are_refused_before_any_model_is_built(copy, tmp_path, monkeypatch):
+    """The hostile report: num_hidden_layers 100,000 beside 3 layers of weights ran 90 s in 2 GB."""
+    import tinystories.model
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built from a config that disagrees with the weights")
+
+    folder = copy("gpt2")
+    set_config(folder, n_layer=100_000)
+    monkeypatch.setattr(tinystories.model.GPT, "__init__", no_model)
+    with pytest.raises(UserError, match="n_layer 100000 but the weights hold 2"):
+        import_hf(folder, tmp_path / "ckpt")
+
+
+# -----------------------------------------------------------------------------
 # config.json: every value read has its type checked
 
 
@@ -276,3 +319,61 @@ def test_a_config_json_that_cannot_be_read_is_refused(copy, tmp_path, capfd, tex
     folder = copy("gpt2")
     (folder / "config.json").write_text(text)
     refused(folder, tmp_path, capfd, message)
+
+
+# -----------------------------------------------------------------------------
+# Tensors: floating point and finite
+
+
+def damage(folder, name: str, change) -> None:
+    state = load_file(folder / "model.safetensors")
+    state[name] = change(state[name])
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def with_value(value):
+    def change(t):
+        t = t.clone()
+        t.view(-1)[3] = value
+        return t
+    return change
+
+
+@pytest.mark.parametrize("kind, name, change, message", [
+    ("gpt2", "transformer.h.1.mlp.c_fc.weight", with_value(float("nan")), "holds NaN or inf values"),
+    ("gpt2", "transformer.wte.weight", with_value(float("inf")), "holds NaN or inf values"),
+    ("llama", "model.norm.weight", with_value(float("-inf")), "holds NaN or inf values"),
+    ("llama", "model.layers.0.self_attn.q_proj.weight", lambda t: t.to(torch.bfloat16) * float("nan"),
+     "holds NaN or inf values"),
+    ("gpt2", "transformer.h.0.attn.c_attn.weight", lambda t: (t * 100).to(torch.int8), "is int8; tinystories imports"),
+    ("llama", "model.embed_tokens.weight", lambda t: t.to(torch.float8_e4m3fn), "is float8_e4m3fn"),
+    ("gpt2", "transformer.ln_f.bias", lambda t: t > 0, "is bool"),
+])
+def test_a_tensor_that_is_not_finite_floating_point_is_refused(copy, tmp_path, capfd, kind, name, change, message):
+    folder = copy(kind)
+    damage(folder, name, change)
+    refused(folder, tmp_path, capfd, f"tensor {name!r} {message}")
+
+
+def test_half_precision_weights_import(copy, tmp_path):
+    folder = copy("llama")
+    state = load_file(folder / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    import_hf(folder, tmp_path / "ckpt")
+    model = load_checkpoint(tmp_path / "ckpt").model
+    assert torch.equal(model.transformer.wte.weight, state["model.embed_tokens.weight"].to(torch.bfloat16).float())
+
+
+def test_a_pytorch_bin_with_other_keys_than_names_is_refused(copy, tmp_path, capfd):
+    folder = copy("gpt2")
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save({i: v for i, v in enumerate(state.values())}, folder / "pytorch_model.bin")
+    refused(folder, tmp_path, capfd, "is not a state dict of tensors")
+
+
+def test_neo_q_k_v_that_cannot_be_stacked_are_refused(copy, tmp_path, capfd):
+    folder = copy("gpt_neo")
+    damage(folder, "transformer.h.0.attn.attention.k_proj.weight", lambda t: t[:, :16].contiguous())
+    refused(folder, tmp_path, capfd, "differ in width")

@@ -45,8 +45,9 @@ are skipped; a tied lm_head must equal the token embedding, an untied one must b
 
 A folder may come from anyone, so nothing in it is trusted: every file it names (an index's shards;
 config.json, the weights and the tokenizer files when they are symlinks) must resolve to a file
-inside it, and every config.json value read has its type checked. Each refusal is one line naming
-what is wrong.
+inside it; every config.json value read has its type checked; the layer count, width and vocabulary
+size must match the tensors before any model is built; every tensor must be floating point and
+finite. Each refusal is one line naming what is wrong.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ BUFFERS = (".attn.attention.bias", ".attn.attention.masked_bias", ".attn.bias", 
 # HF GPT-2's Conv1D layers store (in, out); ours are nn.Linear (out, in).
 GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")  # both are 0.5x(1 + tanh(...)), = F.gelu(approximate="tanh")
+# Weights are stored as fp32, which holds each of these exactly. Anything else is quantized (int8,
+# float8 with its scales in other tensors) or not a weight, and would import as wrong numbers.
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 # attention_types is expanded before the weights are read (which then must agree with it layer for
 # layer), so a repeat count of 10**18 in config.json would fill the memory first. No model has come
 # near this many layers; the bound only keeps the list from being absurd.
@@ -223,7 +227,8 @@ def _short(value, limit: int = 80) -> str:
 #
 # A config.json written by hand or by someone hostile can hold any JSON value under any key. Every
 # value import reads goes through `_field`, which refuses the wrong type by its own name (not as a
-# TypeError somewhere in torch, nor silently replaced by a default).
+# TypeError somewhere in torch, nor silently replaced by a default), and the shapes it describes
+# are compared with the weights before anything is built from them (state_dict_from_hf).
 
 
 def _is_int(value) -> bool:
@@ -419,7 +424,11 @@ def _llama_config(hf: dict, model_type: str, where) -> ModelConfig:
 
 
 def read_hf_weights(folder: Path) -> tuple[dict, dict]:
-    """(tensors by HF name, {file name: sha256}) from safetensors if present, else pytorch_model.bin."""
+    """(tensors by HF name, {file name: sha256}) from safetensors if present, else pytorch_model.bin.
+
+    Every tensor but the skipped buffers must be floating point (FLOAT_DTYPES) and finite: NaN or
+    inf in a weight is a damaged file, and would only show up later as a model that writes nothing.
+    """
     import torch
 
     for single, index in (("model.safetensors", "model.safetensors.index.json"),
@@ -435,7 +444,9 @@ def read_hf_weights(folder: Path) -> tuple[dict, dict]:
             path = folder / name
             if not _is_file(path):
                 raise UserError(f"{path} is missing (listed in {index}); the download is incomplete")
-            weights.update(_load_weights_file(path, torch))
+            for key, tensor in _load_weights_file(path, torch).items():
+                _check_tensor(path, key, tensor, torch)
+                weights[key] = tensor
             files[name] = sha256_file(path)
         return weights, files
     raise UserError(f"{folder} has no weights (model.safetensors or pytorch_model.bin)")
@@ -470,9 +481,21 @@ def _load_weights_file(path: Path, torch) -> dict:
         state = torch_load_safely(path)
     except Exception as e:  # torch raises pickle/zip/runtime errors for damaged or unsafe files
         raise UserError(f"{path} is truncated, corrupted or holds more than tensors ({type(e).__name__})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
         raise UserError(f"{path} is not a state dict of tensors")
     return state
+
+
+def _check_tensor(path: Path, name: str, tensor, torch) -> None:
+    if name.endswith(BUFFERS):  # masks (bool in some versions) and RoPE frequencies: skipped on import
+        return
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    if dtype not in FLOAT_DTYPES:
+        raise UserError(f"{path}: tensor {_short(name)} is {dtype}; tinystories imports {', '.join(FLOAT_DTYPES)} "
+                        "weights only (quantized models are not supported)")
+    if not bool(torch.isfinite(tensor).all()):
+        raise UserError(f"{path}: tensor {_short(name)} holds NaN or inf values; the weights are damaged")
 
 
 def state_dict_from_hf(hf_weights: dict, cfg: ModelConfig, architecture: str, where) -> dict:
@@ -482,7 +505,11 @@ def state_dict_from_hf(hf_weights: dict, cfg: ModelConfig, architecture: str, wh
     from tinystories.model import GPT
 
     hf = {k: v for k, v in hf_weights.items() if not k.endswith(BUFFERS)}
-    ours = _from_llama(hf, cfg, where) if architecture in ("Llama", "Qwen3") else _from_gpt(hf, cfg, architecture)
+    _check_config_against_weights(hf, cfg, architecture, where)
+    if architecture in ("Llama", "Qwen3"):
+        ours = _from_llama(hf, cfg, where)
+    else:
+        ours = _from_gpt(hf, cfg, architecture, where)
     if cfg.tie_embeddings:  # transformers ties lm_head to the embedding; a file that says otherwise is suspect
         lm_head = ours.pop("lm_head.weight", None)
         wte = ours.get("transformer.wte.weight")
@@ -492,22 +519,69 @@ def state_dict_from_hf(hf_weights: dict, cfg: ModelConfig, architecture: str, wh
     for name in list(ours):
         ours[name] = ours[name].to(torch.float32).contiguous()
 
-    with torch.device("meta"):  # shapes only
-        expected = {k: v.shape for k, v in GPT(cfg).state_dict().items()
-                    if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    try:
+        with torch.device("meta"):  # shapes only
+            expected = {k: v.shape for k, v in GPT(cfg).state_dict().items()
+                        if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    except RuntimeError as e:  # a size no tensor can have (over 2**63 elements), so no weights fit it
+        if "overflow" not in str(e):
+            raise
+        raise UserError(f"{where}: the weights do not fit config.json (it makes a tensor too large for any "
+                        f"weights: {e})") from None
     got = {k: v.shape for k, v in ours.items()}
     if expected != got:
         missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
         wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+        shapes = "".join(f"; {k} is {_dims(got[k])}, config.json makes it {_dims(expected[k])}" for k in wrong[:1])
         raise UserError(f"{where}: the weights do not fit config.json (missing {missing[:3]}, unexpected "
-                        f"{unexpected[:3]}, wrong shape {wrong[:3]})")
+                        f"{unexpected[:3]}, wrong shape {wrong[:3]}{shapes})")
     return ours
 
 
-def _from_gpt(hf: dict, cfg: ModelConfig, architecture: str) -> dict:
-    """GPT-2 / GPT-Neo names -> ours (see the module docstring's key map)."""
+# The config.json keys that say how many layers and how wide, by architecture, for messages.
+LAYOUT_KEYS = {"GPT-2": ("n_layer", "n_embd"), "GPT-Neo": ("num_layers", "hidden_size"),
+               "Llama": ("num_hidden_layers", "hidden_size"), "Qwen3": ("num_hidden_layers", "hidden_size")}
+
+
+def _check_config_against_weights(hf: dict, cfg: ModelConfig, architecture: str, where) -> None:
+    """config.json's layer count, width and vocabulary size against the tensors' names and shapes.
+
+    First, and from names and shapes only: building the model (even its shapes, on the meta device)
+    takes time and memory in proportion to config.json's numbers, so a num_hidden_layers of 100,000
+    beside 3 layers of weights must be refused before anything is built from it.
+    """
+    layers_key, width_key = LAYOUT_KEYS[architecture]
+    llama = architecture in ("Llama", "Qwen3")
+    # at most 9 digits: a longer index is no layer of ours (the shape check names it) and stays cheap
+    pattern = re.compile(r"(?:model\.)?layers\.(\d{1,9})\." if llama else r"(?:transformer\.)?h\.(\d{1,9})\.")
+    found = {int(m.group(1)) for name in hf if (m := pattern.match(name))}
+    if len(found) != cfg.n_layer or found != set(range(cfg.n_layer)):
+        held = f"{len(found)}" if found == set(range(len(found))) else f"layers {_short(sorted(found))}"
+        raise UserError(f"{where}: config.json says {layers_key} {cfg.n_layer} but the weights hold {held}")
+    names = ("model.embed_tokens.weight", "embed_tokens.weight") if llama else ("transformer.wte.weight", "wte.weight")
+    for name in names:
+        if name in hf and tuple(hf[name].shape) != (cfg.vocab_size, cfg.n_embd):
+            raise UserError(f"{where}: config.json says vocab_size {cfg.vocab_size} and {width_key} {cfg.n_embd}, "
+                            f"but the token embedding {name} is {_dims(hf[name].shape)}")
+
+
+def _dims(shape) -> str:
+    return " x ".join(map(str, shape)) or "a scalar"
+
+
+def _stack(parts: list, names: list[str], where):
+    """torch.cat of q, k, v (or gate, up) along their rows, refused unless they can be stacked."""
     import torch
 
+    if len(parts) == 1:
+        return parts[0]  # nothing to stack (o_proj, the norms): the shape check judges it
+    if any(p.dim() == 0 for p in parts) or len({p.shape[1:] for p in parts}) > 1:
+        raise UserError(f"{where}: the weights do not fit config.json ({', '.join(names)} differ in width)")
+    return torch.cat(parts, dim=0)  # (rows of each, in) -> (all rows, in)
+
+
+def _from_gpt(hf: dict, cfg: ModelConfig, architecture: str, where) -> dict:
+    """GPT-2 / GPT-Neo names -> ours (see the module docstring's key map)."""
     if not any(k.startswith("transformer.") for k in hf):  # saved from the base model: no "transformer." prefix
         hf = {(k if k == "lm_head.weight" else "transformer." + k): v for k, v in hf.items()}
     ours = {}
@@ -516,19 +590,17 @@ def _from_gpt(hf: dict, cfg: ModelConfig, architecture: str) -> dict:
     for i in range(cfg.n_layer):
         p = f"transformer.h.{i}.attn"
         if architecture == "GPT-Neo":  # separate q, k, v (out, in) -> one (3C, C), in our split order
-            parts = [ours.pop(f"{p}.{x}_proj.weight", None) for x in "qkv"]
-            if all(t is not None for t in parts):
-                ours[f"{p}.c_attn.weight"] = torch.cat(parts, dim=0)
+            names = [f"{p}.{x}_proj.weight" for x in "qkv"]
+            if all(n in ours for n in names):
+                ours[f"{p}.c_attn.weight"] = _stack([ours.pop(n) for n in names], names, where)
     for name in list(ours):
-        if architecture == "GPT-2" and name.endswith(GPT2_CONV1D):
+        if architecture == "GPT-2" and name.endswith(GPT2_CONV1D) and ours[name].dim() == 2:
             ours[name] = ours[name].t()  # Conv1D (in, out) -> nn.Linear (out, in)
     return ours
 
 
 def _from_llama(hf: dict, cfg: ModelConfig, where) -> dict:
     """Llama / Qwen3 names -> ours: export.llama_key_map read backwards (q, k, v and gate, up stacked)."""
-    import torch
-
     from tinystories.export import llama_key_map
 
     if not any(k.startswith("model.") for k in hf):  # saved from LlamaModel itself: no "model." prefix
@@ -537,10 +609,7 @@ def _from_llama(hf: dict, cfg: ModelConfig, where) -> dict:
     for name, hf_names in llama_key_map(cfg):
         if not all(n in hf for n in hf_names):
             continue  # the shape check names what is missing
-        parts = [hf.pop(n) for n in hf_names]
-        if len({p.shape[1:] for p in parts}) > 1:
-            raise UserError(f"{where}: the weights do not fit config.json ({', '.join(hf_names)} differ in width)")
-        ours[name] = torch.cat(parts, dim=0)  # (rows of each, in) -> (all rows, in)
+        ours[name] = _stack([hf.pop(n) for n in hf_names], hf_names, where)
     ours.update(hf)  # anything left is not ours: the shape check names it (lm_head of a tied model aside)
     return ours
 
