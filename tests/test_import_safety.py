@@ -6,6 +6,7 @@ Three causes, each refused before anything is built from it:
   - config.json: every value import reads has its type checked, and the layer count, width and
     vocabulary size must agree with the tensors' names and shapes;
   - tensors: floating point and finite only.
+And `generate` on a model whose weights are not finite stops with one line, not a torch traceback.
 
 The folders are tiny random transformers models (GPT2LMHeadModel, LlamaForCausalLM, GPTNeoForCausalLM)
 saved with save_pretrained and our 512-token BPE beside them; no network.
@@ -20,11 +21,14 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never the network
 
-from tinystories.checkpoint import load_checkpoint  # noqa: E402
+from tinystories.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from tinystories.cli import main  # noqa: E402
+from tinystories.config import ModelConfig  # noqa: E402
 from tinystories.errors import UserError  # noqa: E402
 from tinystories.export import tokenizer_files  # noqa: E402
+from tinystories.generate import generate  # noqa: E402
 from tinystories.hf_import import import_hf  # noqa: E402
+from tinystories.model import GPT  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -377,3 +381,38 @@ def test_neo_q_k_v_that_cannot_be_stacked_are_refused(copy, tmp_path, capfd):
     folder = copy("gpt_neo")
     damage(folder, "transformer.h.0.attn.attention.k_proj.weight", lambda t: t[:, :16].contiguous())
     refused(folder, tmp_path, capfd, "differ in width")
+
+
+# -----------------------------------------------------------------------------
+# Generating from a model with damaged weights
+
+
+@pytest.fixture(scope="module")
+def nan_ckpt(tmp_path_factory, bpe):
+    """A checkpoint whose weights hold a NaN: what a diverged run, or a damaged import before these
+    checks, would leave."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=bpe.vocab_size, dropout=0.0))
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    return save_checkpoint(tmp_path_factory.mktemp("nan") / "ckpt", model, bpe, step=1, val_loss=None)
+
+
+@pytest.mark.parametrize("extra", [[], ["--temperature", "0"], ["--top-k", "5"], ["--top-p", "0.9"],
+                                   ["--num-samples", "2"]])
+def test_generate_on_non_finite_weights_is_one_line(nan_ckpt, capfd, extra):
+    capfd.readouterr()
+    code = main(["generate", "--checkpoint", str(nan_ckpt), "--prompt", "Once upon a time", "--seed", "1",
+                 "--max-new-tokens", "5", *extra])
+    err = capfd.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert errors == ["tinystories generate: error: the model's logits are not finite (NaN or inf) at step 1: "
+                      "its weights are damaged"], err
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_api_on_non_finite_weights_raises_user_error(nan_ckpt, use_cache):
+    ckpt = load_checkpoint(nan_ckpt)
+    with pytest.raises(UserError, match="not finite .* at step 1"):
+        generate(ckpt.model, [[ckpt.tokenizer.eot_id]], 5, temperature=0, use_cache=use_cache)
