@@ -8,7 +8,9 @@ huge and negative integers, numbers with 25 digits, empty strings, words; paths 
 small scene of a file, a folder, a folder under a file and so on. Valid combinations are kept
 cheap: a tiny checkpoint, a tiny prepared data set, a few tokens to generate, and `train` stops
 right before its first step (the loop is replaced: what runs is everything up to it, the config
-checks, the data checks, the model and optimizer construction and the run folder).
+checks, the data checks, the model and optimizer construction and the run folder). For `import`,
+what the model folder holds is drawn too: config.json values and weight indexes, with the promise
+that no file outside the folder is opened.
 Derandomized (the same examples every run) and without an example database, so CI is stable and
 nothing is written into the repository.
 """
@@ -17,8 +19,11 @@ import contextlib
 import io
 import json
 import os
+import shutil
+import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -360,3 +365,184 @@ def test_import_arguments(tiny_ckpt, out, source, extra):
             check_promise(["import", "--from", src, "--out", *realize([out], scene), *extra], scene.root, tiny_ckpt)
         finally:
             del os.environ["HF_HUB_OFFLINE"]
+
+
+# -----------------------------------------------------------------------------
+# import: what a model folder holds, drawn at random
+#
+# The folders are our own exports (GPT-2, GPT-Neo, Llama) of tiny checkpoints, with an "outside"
+# folder beside them that holds copies of their weights and a secret. config.json and the weight
+# index are drawn; whatever they say, import succeeds or refuses in one line, and never opens a
+# file outside the model folder.
+
+_opened: list | None = None  # while a check_import runs: every path opened
+
+
+def _audit(event: str, args) -> None:
+    if event == "open" and _opened is not None and isinstance(args[0], (str, bytes, os.PathLike)):
+        _opened.append(os.fsdecode(args[0]))
+
+
+@contextlib.contextmanager
+def files_opened():
+    """The paths opened meanwhile: by Python (an audit hook, which cannot be removed once added, so
+    it records only inside this block), and by safetensors (whose reads happen in Rust)."""
+    import safetensors.torch
+
+    global _opened
+    if not getattr(files_opened, "hooked", False):
+        sys.addaudithook(_audit)
+        files_opened.hooked = True
+    load_file = safetensors.torch.load_file
+
+    def recorded(path, *args, **kwargs):
+        _opened.append(os.fsdecode(path))
+        return load_file(path, *args, **kwargs)
+
+    _opened = []
+    try:
+        with mock.patch("safetensors.torch.load_file", recorded):
+            yield _opened
+    finally:
+        _opened = None
+
+
+def check_import(folder: Path, outside: Path) -> int:
+    """check_promise for `import --from folder`, and no file under `outside`, nor /etc/passwd, opened."""
+    before = snapshot(folder, outside)  # read before recording starts: these reads are the test's own
+    with new_scene() as scene, files_opened() as opened:
+        code = check_promise(["import", "--from", str(folder), "--out", scene.path("new")])
+    for path in opened:
+        resolved = Path(path).resolve()
+        assert outside not in resolved.parents and resolved != Path("/etc/passwd"), path
+    if code == 2:
+        assert snapshot(folder, outside) == before
+    else:  # the recording works: the weights it read are in it
+        assert any(path.endswith(".safetensors") for path in opened), opened
+    return code
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory, tiny_data):
+    """family -> our export of a tiny checkpoint of that family; "sharded" -> the GPT-2 one in two
+    shards under an index (and symlinks, one of them a loop). Beside them, "outside": the shards
+    again and a secret file, which the index may name but import must never open."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tinystories.checkpoint import save_checkpoint
+    from tinystories.config import ModelConfig
+    from tinystories.export import export_hf
+    from tinystories.model import GPT
+    from tinystories.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("prop-hf")
+    tok = Tokenizer.load(tiny_data)
+    small = dict(n_layer=2, n_head=2, n_embd=16, block_size=32, vocab_size=tok.vocab_size, dropout=0.0)
+    families = {
+        "gpt2": ModelConfig(**small),
+        "gpt_neo": ModelConfig(**small, attention_layers=["global", "local"], window_size=8, scale_attention=False,
+                               qkv_bias=False),
+        "llama": ModelConfig(**small, bias=False, pos_embedding="rope", norm="rmsnorm", mlp="swiglu"),
+    }
+    folders = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        for family, cfg in families.items():
+            torch.manual_seed(0)
+            ckpt = save_checkpoint(root / f"ckpt-{family}", GPT(cfg), tok, step=0, val_loss=None)
+            folders[family] = export_hf(ckpt, root / family)
+    sharded = root / "sharded"
+    shutil.copytree(folders["gpt2"], sharded)
+    state = load_file(sharded / "model.safetensors")
+    (sharded / "model.safetensors").unlink()
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    outside = root / "outside"
+    outside.mkdir()
+    for shard, keys in shards.items():
+        for where in (sharded, outside):
+            save_file({k: state[k] for k in keys}, where / shard, metadata={"format": "pt"})
+    (outside / "secret.txt").write_text("not for import\n")
+    (sharded / "link-out.safetensors").symlink_to(outside / "model-00001-of-00002.safetensors")
+    (sharded / "link-secret.safetensors").symlink_to(outside / "secret.txt")
+    (sharded / "link-in.safetensors").symlink_to("model-00001-of-00002.safetensors")
+    (sharded / "loop.safetensors").symlink_to("loop.safetensors")
+    folders["sharded"] = sharded
+    folders["index"] = {k: shard for shard, keys in shards.items() for k in keys}
+    folders["outside"] = outside
+    return folders
+
+
+json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.sampled_from([0, 1, 2, 8, 16, 32, 300, 10**18]),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6),
+    st.sampled_from(["gpt2", "gpt_neo", "llama", "qwen3", "global", "local", "silu", "gelu_new", "default"]),
+)
+json_values = st.recursive(json_scalars, lambda kids: st.one_of(
+    st.lists(kids, max_size=3),
+    st.dictionaries(st.sampled_from(["rope_theta", "rope_type", "type", "factor", "weight_map", "x"]), kids,
+                    max_size=3),
+), max_leaves=6)
+attention_types = st.lists(st.tuples(st.lists(st.sampled_from(["global", "local", "x"]), max_size=3),
+                                     st.one_of(st.integers(-1, 3), st.sampled_from([10**18, True, 1.0]))).map(list),
+                           max_size=3)
+# Every key a config.json gives that import reads, for any of the families.
+CONFIG_KEYS = [
+    "model_type", "transformers_version", "vocab_size", "tie_word_embeddings", "activation_function",
+    "n_layer", "n_head", "n_embd", "n_positions", "n_inner", "resid_pdrop", "layer_norm_epsilon",  # GPT-2
+    "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
+    "num_layers", "num_heads", "hidden_size", "attention_types", "attention_layers", "window_size",  # GPT-Neo
+    "max_position_embeddings", "resid_dropout", "intermediate_size",
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "rope_theta",  # Llama, Qwen3
+    "rope_parameters", "rope_scaling", "rms_norm_eps", "hidden_act", "partial_rotary_factor", "attention_bias",
+    "mlp_bias", "use_sliding_window", "layer_types", "attention_dropout",
+]
+
+
+@settings(max_examples=120, **SETTINGS)
+@given(st.sampled_from(["gpt2", "gpt_neo", "llama"]),
+       st.dictionaries(st.sampled_from(CONFIG_KEYS), st.one_of(json_values, attention_types), max_size=3),
+       st.lists(st.sampled_from(CONFIG_KEYS), max_size=2))
+def test_import_config_json(hf_folders, family, changes, removed):
+    """A real folder whose config.json has up to three values replaced (any JSON: wrong types, nan,
+    huge or negative numbers, other families' keys) and up to two removed."""
+    folder = hf_folders[family]
+    original = (folder / "config.json").read_text()
+    config = {k: v for k, v in json.loads(original).items() if k not in removed}
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    try:
+        check_import(folder, hf_folders["outside"])
+    finally:
+        (folder / "config.json").write_text(original)
+
+
+def shard_names(outside: Path):
+    return st.one_of(
+        st.sampled_from([
+            str(outside / "model-00001-of-00002.safetensors"), "../outside/model-00001-of-00002.safetensors",
+            "../../../../../../../../etc/passwd", "/etc/passwd", str(outside / "secret.txt"), "", ".", "..",
+            "link-out.safetensors", "link-secret.safetensors", "link-in.safetensors", "loop.safetensors",
+            "missing.safetensors", "sub/../model-00002-of-00002.safetensors", "config.json", "tokenizer.json",
+            "a\x00b.safetensors", "x" * 300 + ".safetensors", "model-00002-of-00002.safetensors",
+        ]),
+        st.text(max_size=12), json_scalars, st.lists(json_scalars, max_size=2),
+    )
+
+
+@settings(max_examples=120, **SETTINGS)
+@given(st.data())
+def test_import_weight_index(hf_folders, data):
+    """The sharded folder's model.safetensors.index.json with up to three of its entries replaced by
+    other names (absolute, "..", symlinks out of the folder, a symlink loop, empty, not strings), or
+    the whole file replaced by any JSON."""
+    folder, outside, index = hf_folders["sharded"], hf_folders["outside"], hf_folders["index"]
+    if data.draw(st.integers(0, 5)) == 0:
+        content = data.draw(json_values)
+    else:
+        bad = data.draw(st.lists(st.sampled_from(sorted(index)), unique=True, max_size=3))
+        content = {"metadata": {}, "weight_map": {**index, **{k: data.draw(shard_names(outside)) for k in bad}}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(content))
+    try:
+        check_import(folder, outside)
+    finally:
+        (folder / "model.safetensors.index.json").unlink()

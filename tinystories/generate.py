@@ -147,6 +147,14 @@ def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(device)
 
 
+def _finite(logits: Tensor, step: int) -> Tensor:
+    """`logits`, refused with one line if any is NaN or inf: torch.multinomial would fail on them with
+    a RuntimeError, and argmax (greedy) would pick a token that means nothing."""
+    if not bool(torch.isfinite(logits).all()):
+        raise UserError(f"the model's logits are not finite (NaN or inf) at step {step + 1}: its weights are damaged")
+    return logits
+
+
 # -----------------------------------------------------------------------------
 # Decoding
 
@@ -235,7 +243,7 @@ def stream(
                 else:  # the cache holds c[f:-1] of each row: feed the token sampled last
                     last = [c[-1] for c in contexts]
                     logits = decoder.decode(last, [len(c) - 1 - f for c, f in zip(contexts, fed)])
-                tokens = sample_next(logits, temperature, top_k, top_p, generator).tolist()
+                tokens = sample_next(_finite(logits, step), temperature, top_k, top_p, generator).tolist()
             starts = new_starts
 
             out: list[int | None] = []

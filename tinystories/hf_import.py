@@ -42,6 +42,12 @@ mlp.c_fc, mlp.c_proj, wte, wpe, ln_f keep their names. GPT-2's Conv1D weights ar
 nn.Linear. Llama / Qwen3 use export.llama_key_map backwards: q/k/v_proj stacked into c_attn,
 gate/up_proj into c_fc. Buffers of old transformers versions (attention masks, RoPE frequencies)
 are skipped; a tied lm_head must equal the token embedding, an untied one must be there.
+
+A folder may come from anyone, so nothing in it is trusted: every file it names (an index's shards;
+config.json, the weights and the tokenizer files when they are symlinks) must resolve to a file
+inside it; every config.json value read has its type checked; the layer count, width and vocabulary
+size must match the tensors before any model is built; every tensor must be floating point and
+finite. Each refusal is one line naming what is wrong.
 """
 
 from __future__ import annotations
@@ -49,12 +55,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
 from pathlib import Path
 
-from tinystories.config import ModelConfig
+from tinystories.config import INT64_MAX, ModelConfig
 from tinystories.errors import UserError
 from tinystories.outputs import check_output_dir
 from tinystories.tokenizer import BPE_FILE, EOT, GPT2_FILES, sha256_file
@@ -71,6 +78,13 @@ BUFFERS = (".attn.attention.bias", ".attn.attention.masked_bias", ".attn.bias", 
 # HF GPT-2's Conv1D layers store (in, out); ours are nn.Linear (out, in).
 GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")  # both are 0.5x(1 + tanh(...)), = F.gelu(approximate="tanh")
+# Weights are stored as fp32, which holds each of these exactly. Anything else is quantized (int8,
+# float8 with its scales in other tensors) or not a weight, and would import as wrong numbers.
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+# attention_types is expanded before the weights are read (which then must agree with it layer for
+# layer), so a repeat count of 10**18 in config.json would fill the memory first. No model has come
+# near this many layers; the bound only keeps the list from being absurd.
+MAX_LAYERS = 2**20
 
 
 def run(args) -> int:
@@ -97,6 +111,7 @@ def import_hf(source, out, *, tokenizer: str = "auto", revision: str | None = No
     folder = locate(source, revision)
     hf = _read_config(folder)
     architecture, model_cfg = model_config_from_hf(hf, where=folder / "config.json")
+    version = _field(hf, "transformers_version", None, "str", folder / "config.json", optional=True)
     tok = tokenizer_from_hf(folder, use_gpt2=tokenizer == "gpt2")
     if tok.vocab_size > model_cfg.vocab_size:
         raise UserError(f"{folder}: the tokenizer has {tok.vocab_size} tokens but the model only {model_cfg.vocab_size}")
@@ -107,7 +122,7 @@ def import_hf(source, out, *, tokenizer: str = "auto", revision: str | None = No
     model.load_state_dict(ours, strict=False)  # strict=False: a tied lm_head is wte, not in `ours`
     provenance = {
         "source": str(source), "revision": revision, "architecture": architecture,
-        "transformers_version": hf.get("transformers_version"), "files": files,
+        "transformers_version": version, "files": files,
     }
     return save_checkpoint(out, model, tok, step=0, val_loss=None, extra={"imported_from": provenance})
 
@@ -141,34 +156,131 @@ def locate(source, revision: str | None = None) -> Path:
 
 
 def _read_config(folder: Path) -> dict:
-    file = folder / "config.json"
-    if not file.is_file():
+    file = _present(folder, "config.json")
+    if file is None:
         raise UserError(f"{folder} has no config.json; it is not a transformers model folder")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{file} is not valid JSON ({e})") from None
+    config = _read_json(file)
     if not isinstance(config, dict):
         raise UserError(f"{file} is not a transformers config (not a JSON object)")
     return config
 
 
+def _read_json(file: Path):
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    # ValueError: bad JSON or UTF-8, or an integer of more than 4,300 digits; RecursionError: nesting
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{file} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise UserError(f"{file} cannot be read ({type(e).__name__})") from None
+
+
+def _present(folder: Path, name: str) -> Path | None:
+    """folder / name if it is a file (None if not), refused if a symlink takes it outside the folder."""
+    path = folder / name
+    return _inside(folder, name, str(path)) if _is_file(path) else None
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system
+        return False
+
+
+def _inside(folder: Path, name, what: str) -> Path:
+    """folder / name, refused with one line unless it is a file name that stays inside `folder`.
+
+    Files name other files (an index its shards), and a folder from someone else may name
+    /etc/passwd, ../../secret or a symlink to either: reading it would copy another file of this
+    machine into the checkpoint. So the path is resolved, symlinks included, and must end up inside
+    the folder, or, for a Hub cache snapshot (what snapshot_download returns), inside the cache's
+    own blobs/, which the snapshot's files link to. `what` names the entry for the message.
+    """
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise UserError(f"{what} is not a file name")
+    if os.path.isabs(name):
+        raise UserError(f"{what} is an absolute path; every file a model folder names must be inside it")
+    try:
+        root, target = folder.resolve(), (folder / name).resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # RuntimeError: a symlink loop
+        raise UserError(f"{what} cannot be followed ({type(e).__name__})") from None
+    roots = [root]
+    if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
+        roots.append((root.parent.parent / "blobs").resolve())
+    if target in roots:
+        raise UserError(f"{what} names the folder itself, not a file in it")
+    if not any(r in target.parents for r in roots):
+        raise UserError(f"{what} leads outside {folder} (to {target}); every file a model folder names "
+                        "must be inside it")
+    return folder / name
+
+
+def _short(value, limit: int = 80) -> str:
+    """repr(value) on one line of at most `limit` characters, for messages that quote a value."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 # -----------------------------------------------------------------------------
 # config.json -> ModelConfig
+#
+# A config.json written by hand or by someone hostile can hold any JSON value under any key. Every
+# value import reads goes through `_field`, which refuses the wrong type by its own name (not as a
+# TypeError somewhere in torch, nor silently replaced by a default), and the shapes it describes
+# are compared with the weights before anything is built from them (state_dict_from_hf).
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# kind -> (what the message asks for, the check); counts fit torch's 64-bit integers
+KINDS = {
+    "count": ("a positive integer", lambda v: _is_int(v) and 1 <= v <= INT64_MAX),
+    "positive": ("a positive finite number", lambda v: _is_number(v) and v > 0),
+    "dropout": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "object": ("an object", lambda v: isinstance(v, dict)),
+    "list": ("a list", lambda v: isinstance(v, list)),
+}
+
+
+def _field(hf: dict, key: str, default, kind: str, where, *, optional: bool = False):
+    """hf[key], or `default` where config.json leaves it out, refused with one line unless it is of
+    `kind` (see KINDS); null passes only where transformers accepts it (`optional`)."""
+    value = hf.get(key, default)
+    if value is None and optional:
+        return None
+    want, ok = KINDS[kind]
+    if not ok(value):
+        raise UserError(f"{where}: {key} must be {want}{' or null' if optional else ''}, got {_short(value)}")
+    return value
 
 
 def expand_attention_types(attention_types) -> list[str]:
     """GPT-Neo's run-length form, [[["global", "local"], 2]], as one entry per layer."""
-    try:
-        return [kind for kinds, repeat in attention_types for _ in range(repeat) for kind in kinds]
-    except (TypeError, ValueError):
-        raise UserError(f"attention_types {attention_types!r} is not GPT-Neo's [[[kinds...], repeat], ...] form") from None
+    form = f"attention_types {_short(attention_types)} is not GPT-Neo's [[[kinds...], repeat], ...] form"
+    pairs = attention_types if isinstance(attention_types, (list, tuple)) else [None]
+    if not all(isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], (list, tuple))
+               and all(isinstance(k, str) for k in p[0]) and _is_int(p[1]) and p[1] >= 0 for p in pairs):
+        raise UserError(form)
+    n_layer = sum(len(kinds) * repeat for kinds, repeat in pairs)
+    if n_layer > MAX_LAYERS:
+        raise UserError(f"attention_types {_short(attention_types)} makes {n_layer} layers; "
+                        f"tinystories imports at most {MAX_LAYERS:,}")
+    return [kind for kinds, repeat in pairs for _ in range(repeat) for kind in kinds]
 
 
 def model_config_from_hf(hf: dict, where="config.json") -> tuple[str, ModelConfig]:
     """("GPT-Neo", "GPT-2", "Llama" or "Qwen3", our config) for a transformers config dict; refuse
     what we cannot compute."""
-    model_type = hf.get("model_type")
+    model_type = _field(hf, "model_type", None, "str", where, optional=True)
     if model_type == "gpt_neo":
         return "GPT-Neo", _neo_config(hf, where)
     if model_type == "gpt2":
@@ -188,36 +300,45 @@ def _require(where, checks: dict) -> None:
 
 def _neo_config(hf: dict, where) -> ModelConfig:
     # Missing keys take GPTNeoConfig's defaults, as transformers would.
-    width = hf.get("hidden_size", 2048)
-    n_layer = hf.get("num_layers", hf.get("num_hidden_layers", 24))
-    layers = expand_attention_types(hf.get("attention_types") or [[["global", "local"], 12]])
+    width = _field(hf, "hidden_size", 2048, "count", where)
+    n_layer = _field(hf, "num_layers" if "num_layers" in hf else "num_hidden_layers", 24, "count", where)
+    heads = _field(hf, "num_heads" if "num_heads" in hf else "num_attention_heads", 16, "count", where)
+    attention_types = _field(hf, "attention_types", None, "list", where, optional=True)
+    layers = expand_attention_types([[["global", "local"], 12]] if attention_types is None else attention_types)
+    activation = _field(hf, "activation_function", "gelu_new", "str", where)
     _require(where, {
-        "activation_function gelu_new": hf.get("activation_function", "gelu_new") in TANH_GELU,
+        "activation_function gelu_new": activation in TANH_GELU,
         f"one attention type per layer ({n_layer})": len(layers) == n_layer,
         "attention_layers equal to attention_types expanded": hf.get("attention_layers", layers) == layers,
     })
     return ModelConfig(
-        n_layer=n_layer, n_head=hf.get("num_heads", hf.get("num_attention_heads", 16)), n_embd=width,
-        block_size=hf.get("max_position_embeddings", 2048), vocab_size=hf.get("vocab_size", 50257),
-        dropout=float(hf.get("resid_dropout", 0.0)), bias=True, attention_layers=layers,
-        window_size=hf.get("window_size", 256), scale_attention=False, qkv_bias=False,
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp_hidden=_mlp_hidden(hf.get("intermediate_size"), width),
-        tie_embeddings=hf.get("tie_word_embeddings", True),
+        n_layer=n_layer, n_head=heads, n_embd=width,
+        block_size=_field(hf, "max_position_embeddings", 2048, "count", where),
+        vocab_size=_field(hf, "vocab_size", 50257, "count", where),
+        dropout=float(_field(hf, "resid_dropout", 0.0, "dropout", where)), bias=True, attention_layers=layers,
+        window_size=_field(hf, "window_size", 256, "count", where), scale_attention=False, qkv_bias=False,
+        norm_eps=_field(hf, "layer_norm_epsilon", 1e-5, "positive", where),
+        mlp_hidden=_mlp_hidden(_field(hf, "intermediate_size", None, "count", where, optional=True), width),
+        tie_embeddings=_field(hf, "tie_word_embeddings", True, "bool", where),
     )
 
 
 def _gpt2_config(hf: dict, where) -> ModelConfig:
-    width = hf.get("n_embd", 768)
+    width = _field(hf, "n_embd", 768, "count", where)
     _require(where, {
-        "activation_function gelu_new": hf.get("activation_function", "gelu_new") in TANH_GELU,
-        "scale_attn_weights true": hf.get("scale_attn_weights", True) is True,
-        "scale_attn_by_inverse_layer_idx false": hf.get("scale_attn_by_inverse_layer_idx", False) is False,
+        "activation_function gelu_new": _field(hf, "activation_function", "gelu_new", "str", where) in TANH_GELU,
+        "scale_attn_weights true": _field(hf, "scale_attn_weights", True, "bool", where) is True,
+        "scale_attn_by_inverse_layer_idx false":
+            _field(hf, "scale_attn_by_inverse_layer_idx", False, "bool", where) is False,
     })
     return ModelConfig(
-        n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=width,
-        block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
-        dropout=float(hf.get("resid_pdrop", 0.1)), bias=True, norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        mlp_hidden=_mlp_hidden(hf.get("n_inner"), width), tie_embeddings=hf.get("tie_word_embeddings", True),
+        n_layer=_field(hf, "n_layer", 12, "count", where), n_head=_field(hf, "n_head", 12, "count", where),
+        n_embd=width, block_size=_field(hf, "n_positions", 1024, "count", where),
+        vocab_size=_field(hf, "vocab_size", 50257, "count", where),
+        dropout=float(_field(hf, "resid_pdrop", 0.1, "dropout", where)), bias=True,
+        norm_eps=_field(hf, "layer_norm_epsilon", 1e-5, "positive", where),
+        mlp_hidden=_mlp_hidden(_field(hf, "n_inner", None, "count", where, optional=True), width),
+        tie_embeddings=_field(hf, "tie_word_embeddings", True, "bool", where),
     )
 
 
@@ -247,42 +368,51 @@ def _llama_config(hf: dict, model_type: str, where) -> ModelConfig:
     """
     defaults = LLAMA_DEFAULTS[model_type]
 
-    def get(key):
-        return hf[key] if key in hf else defaults[key]
+    def get(key, kind, optional=False):
+        return _field(hf, key, defaults[key], kind, where, optional=optional)
 
-    width, heads = get("hidden_size"), get("num_attention_heads")
-    kv_heads = heads if get("num_key_value_heads") is None else get("num_key_value_heads")
-    head_dim = get("head_dim")
+    width, heads = get("hidden_size", "count"), get("num_attention_heads", "count")
+    kv_heads = get("num_key_value_heads", "count", optional=True)
+    kv_heads = heads if kv_heads is None else kv_heads
+    head_dim = get("head_dim", "count", optional=True)
     if head_dim is None:  # LlamaConfig: hidden_size / num_attention_heads
-        head_dim = width // heads if isinstance(width, int) and isinstance(heads, int) and heads > 0 else None
+        head_dim = width // heads
     # transformers 5 keeps RoPE settings in rope_parameters, earlier versions in rope_theta + rope_scaling
-    ropes = [r for r in (hf.get("rope_parameters"), hf.get("rope_scaling")) if r]
-    plain_rope = all(isinstance(r, dict) and set(r) <= {"rope_type", "type", "rope_theta"}
-                     and r.get("rope_type", r.get("type", "default")) == "default" for r in ropes)
-    theta = next((r["rope_theta"] for r in ropes if isinstance(r, dict) and r.get("rope_theta")), None)
-    theta = theta or hf.get("rope_theta") or 10000.0
+    ropes = {key: _field(hf, key, None, "object", where, optional=True) for key in ("rope_parameters", "rope_scaling")}
+    plain_rope = all(set(r) <= {"rope_type", "type", "rope_theta"}
+                     and r.get("rope_type", r.get("type", "default")) == "default" for r in ropes.values() if r)
+    # Every RoPE base config.json gives is checked, and they must agree: which one a transformers
+    # version reads differs, so importing one of two would be a guess.
+    thetas = {f"{key}.rope_theta": _field(r, "rope_theta", None, "positive", f"{where}: {key}")
+              for key, r in ropes.items() if r and "rope_theta" in r}
+    if "rope_theta" in hf:
+        thetas["rope_theta"] = _field(hf, "rope_theta", None, "positive", where)
+    if len(set(thetas.values())) > 1:
+        raise UserError(f"{where}: the RoPE bases disagree ({', '.join(f'{k} {v}' for k, v in thetas.items())})")
+    theta = next(iter(thetas.values()), 10000.0)
     checks = {
-        "hidden_act silu": hf.get("hidden_act", "silu") == "silu",
+        "hidden_act silu": _field(hf, "hidden_act", "silu", "str", where) == "silu",
         f"num_key_value_heads equal to num_attention_heads ({heads}; grouped-query attention is not supported)":
             kv_heads == heads,
-        f"head_dim equal to hidden_size / num_attention_heads ({width} / {heads})":
-            isinstance(head_dim, int) and isinstance(heads, int) and head_dim * heads == width,
+        f"head_dim equal to hidden_size / num_attention_heads ({width} / {heads})": head_dim * heads == width,
         "plain RoPE (rope_type default, no rope_scaling or partial_rotary_factor)":
-            plain_rope and hf.get("partial_rotary_factor") in (None, 1.0),
-        "attention_bias false": hf.get("attention_bias", False) is False,
+            plain_rope and _field(hf, "partial_rotary_factor", None, "positive", where, optional=True) in (None, 1.0),
+        "attention_bias false": _field(hf, "attention_bias", False, "bool", where) is False,
     }
     if model_type == "llama":
-        checks["mlp_bias false"] = hf.get("mlp_bias", False) is False
+        checks["mlp_bias false"] = _field(hf, "mlp_bias", False, "bool", where) is False
     else:  # Qwen3's sliding window is off unless use_sliding_window (then its upper layers use it)
-        checks["use_sliding_window false"] = hf.get("use_sliding_window", False) is False
-        checks["every layer full_attention"] = all(t == "full_attention" for t in hf.get("layer_types") or [])
+        checks["use_sliding_window false"] = _field(hf, "use_sliding_window", False, "bool", where) is False
+        layer_types = _field(hf, "layer_types", None, "list", where, optional=True) or []
+        checks["every layer full_attention"] = all(t == "full_attention" for t in layer_types)
     _require(where, checks)
     cfg = ModelConfig(
-        n_layer=get("num_hidden_layers"), n_head=heads, n_embd=width, block_size=get("max_position_embeddings"),
-        vocab_size=get("vocab_size"), dropout=float(hf.get("attention_dropout") or 0.0), bias=False,
-        pos_embedding="rope", rope_theta=float(theta), norm="rmsnorm", norm_eps=get("rms_norm_eps"), mlp="swiglu",
-        mlp_hidden=get("intermediate_size"), qk_norm=model_type == "qwen3",
-        tie_embeddings=get("tie_word_embeddings"),
+        n_layer=get("num_hidden_layers", "count"), n_head=heads, n_embd=width,
+        block_size=get("max_position_embeddings", "count"), vocab_size=get("vocab_size", "count"),
+        dropout=float(_field(hf, "attention_dropout", 0.0, "dropout", where, optional=True) or 0.0), bias=False,
+        pos_embedding="rope", rope_theta=float(theta), norm="rmsnorm", norm_eps=get("rms_norm_eps", "positive"),
+        mlp="swiglu", mlp_hidden=get("intermediate_size", "count"), qk_norm=model_type == "qwen3",
+        tie_embeddings=get("tie_word_embeddings", "bool"),
     )
     if cfg.mlp_hidden == dataclasses.replace(cfg, mlp_hidden=None).hidden_size:
         cfg.mlp_hidden = None  # our default width for this n_embd: export and import give the same config
@@ -294,29 +424,46 @@ def _llama_config(hf: dict, model_type: str, where) -> ModelConfig:
 
 
 def read_hf_weights(folder: Path) -> tuple[dict, dict]:
-    """(tensors by HF name, {file name: sha256}) from safetensors if present, else pytorch_model.bin."""
+    """(tensors by HF name, {file name: sha256}) from safetensors if present, else pytorch_model.bin.
+
+    Every tensor but the skipped buffers must be floating point (FLOAT_DTYPES) and finite: NaN or
+    inf in a weight is a damaged file, and would only show up later as a model that writes nothing.
+    """
     import torch
 
     for single, index in (("model.safetensors", "model.safetensors.index.json"),
                           ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        if (folder / index).is_file():
-            try:
-                names = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                raise UserError(f"{folder / index} is not a valid weight index ({type(e).__name__})") from None
-        elif (folder / single).is_file():
+        if (index_file := _present(folder, index)) is not None:
+            names = _shard_names(folder, index_file, suffix=Path(single).suffix)
+        elif _present(folder, single) is not None:
             names = [single]
         else:
             continue
         weights, files = {}, {}
         for name in names:
             path = folder / name
-            if not path.is_file():
+            if not _is_file(path):
                 raise UserError(f"{path} is missing (listed in {index}); the download is incomplete")
-            weights.update(_load_weights_file(path, torch))
+            for key, tensor in _load_weights_file(path, torch).items():
+                _check_tensor(path, key, tensor, torch)
+                weights[key] = tensor
             files[name] = sha256_file(path)
         return weights, files
     raise UserError(f"{folder} has no weights (model.safetensors or pytorch_model.bin)")
+
+
+def _shard_names(folder: Path, index_file: Path, suffix: str) -> list[str]:
+    """The files an index's weight_map lists, each one a `suffix` file inside `folder` (see _inside)."""
+    index = _read_json(index_file)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UserError(f"{index_file} is not a valid weight index (no weight_map of tensor names to files)")
+    for tensor, name in weight_map.items():
+        what = f"{index_file}: the file of {_short(tensor, 200)}, {_short(name, 300)},"
+        _inside(folder, name, what)
+        if not name.endswith(suffix):
+            raise UserError(f"{what} is not a {suffix} file")
+    return sorted(set(weight_map.values()))
 
 
 def _load_weights_file(path: Path, torch) -> dict:
@@ -334,9 +481,21 @@ def _load_weights_file(path: Path, torch) -> dict:
         state = torch_load_safely(path)
     except Exception as e:  # torch raises pickle/zip/runtime errors for damaged or unsafe files
         raise UserError(f"{path} is truncated, corrupted or holds more than tensors ({type(e).__name__})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
         raise UserError(f"{path} is not a state dict of tensors")
     return state
+
+
+def _check_tensor(path: Path, name: str, tensor, torch) -> None:
+    if name.endswith(BUFFERS):  # masks (bool in some versions) and RoPE frequencies: skipped on import
+        return
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    if dtype not in FLOAT_DTYPES:
+        raise UserError(f"{path}: tensor {_short(name)} is {dtype}; tinystories imports {', '.join(FLOAT_DTYPES)} "
+                        "weights only (quantized models are not supported)")
+    if not bool(torch.isfinite(tensor).all()):
+        raise UserError(f"{path}: tensor {_short(name)} holds NaN or inf values; the weights are damaged")
 
 
 def state_dict_from_hf(hf_weights: dict, cfg: ModelConfig, architecture: str, where) -> dict:
@@ -346,7 +505,11 @@ def state_dict_from_hf(hf_weights: dict, cfg: ModelConfig, architecture: str, wh
     from tinystories.model import GPT
 
     hf = {k: v for k, v in hf_weights.items() if not k.endswith(BUFFERS)}
-    ours = _from_llama(hf, cfg, where) if architecture in ("Llama", "Qwen3") else _from_gpt(hf, cfg, architecture)
+    _check_config_against_weights(hf, cfg, architecture, where)
+    if architecture in ("Llama", "Qwen3"):
+        ours = _from_llama(hf, cfg, where)
+    else:
+        ours = _from_gpt(hf, cfg, architecture, where)
     if cfg.tie_embeddings:  # transformers ties lm_head to the embedding; a file that says otherwise is suspect
         lm_head = ours.pop("lm_head.weight", None)
         wte = ours.get("transformer.wte.weight")
@@ -356,22 +519,69 @@ def state_dict_from_hf(hf_weights: dict, cfg: ModelConfig, architecture: str, wh
     for name in list(ours):
         ours[name] = ours[name].to(torch.float32).contiguous()
 
-    with torch.device("meta"):  # shapes only
-        expected = {k: v.shape for k, v in GPT(cfg).state_dict().items()
-                    if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    try:
+        with torch.device("meta"):  # shapes only
+            expected = {k: v.shape for k, v in GPT(cfg).state_dict().items()
+                        if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    except RuntimeError as e:  # a size no tensor can have (over 2**63 elements), so no weights fit it
+        if "overflow" not in str(e):
+            raise
+        raise UserError(f"{where}: the weights do not fit config.json (it makes a tensor too large for any "
+                        f"weights: {e})") from None
     got = {k: v.shape for k, v in ours.items()}
     if expected != got:
         missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
         wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+        shapes = "".join(f"; {k} is {_dims(got[k])}, config.json makes it {_dims(expected[k])}" for k in wrong[:1])
         raise UserError(f"{where}: the weights do not fit config.json (missing {missing[:3]}, unexpected "
-                        f"{unexpected[:3]}, wrong shape {wrong[:3]})")
+                        f"{unexpected[:3]}, wrong shape {wrong[:3]}{shapes})")
     return ours
 
 
-def _from_gpt(hf: dict, cfg: ModelConfig, architecture: str) -> dict:
-    """GPT-2 / GPT-Neo names -> ours (see the module docstring's key map)."""
+# The config.json keys that say how many layers and how wide, by architecture, for messages.
+LAYOUT_KEYS = {"GPT-2": ("n_layer", "n_embd"), "GPT-Neo": ("num_layers", "hidden_size"),
+               "Llama": ("num_hidden_layers", "hidden_size"), "Qwen3": ("num_hidden_layers", "hidden_size")}
+
+
+def _check_config_against_weights(hf: dict, cfg: ModelConfig, architecture: str, where) -> None:
+    """config.json's layer count, width and vocabulary size against the tensors' names and shapes.
+
+    First, and from names and shapes only: building the model (even its shapes, on the meta device)
+    takes time and memory in proportion to config.json's numbers, so a num_hidden_layers of 100,000
+    beside 3 layers of weights must be refused before anything is built from it.
+    """
+    layers_key, width_key = LAYOUT_KEYS[architecture]
+    llama = architecture in ("Llama", "Qwen3")
+    # at most 9 digits: a longer index is no layer of ours (the shape check names it) and stays cheap
+    pattern = re.compile(r"(?:model\.)?layers\.(\d{1,9})\." if llama else r"(?:transformer\.)?h\.(\d{1,9})\.")
+    found = {int(m.group(1)) for name in hf if (m := pattern.match(name))}
+    if len(found) != cfg.n_layer or found != set(range(cfg.n_layer)):
+        held = f"{len(found)}" if found == set(range(len(found))) else f"layers {_short(sorted(found))}"
+        raise UserError(f"{where}: config.json says {layers_key} {cfg.n_layer} but the weights hold {held}")
+    names = ("model.embed_tokens.weight", "embed_tokens.weight") if llama else ("transformer.wte.weight", "wte.weight")
+    for name in names:
+        if name in hf and tuple(hf[name].shape) != (cfg.vocab_size, cfg.n_embd):
+            raise UserError(f"{where}: config.json says vocab_size {cfg.vocab_size} and {width_key} {cfg.n_embd}, "
+                            f"but the token embedding {name} is {_dims(hf[name].shape)}")
+
+
+def _dims(shape) -> str:
+    return " x ".join(map(str, shape)) or "a scalar"
+
+
+def _stack(parts: list, names: list[str], where):
+    """torch.cat of q, k, v (or gate, up) along their rows, refused unless they can be stacked."""
     import torch
 
+    if len(parts) == 1:
+        return parts[0]  # nothing to stack (o_proj, the norms): the shape check judges it
+    if any(p.dim() == 0 for p in parts) or len({p.shape[1:] for p in parts}) > 1:
+        raise UserError(f"{where}: the weights do not fit config.json ({', '.join(names)} differ in width)")
+    return torch.cat(parts, dim=0)  # (rows of each, in) -> (all rows, in)
+
+
+def _from_gpt(hf: dict, cfg: ModelConfig, architecture: str, where) -> dict:
+    """GPT-2 / GPT-Neo names -> ours (see the module docstring's key map)."""
     if not any(k.startswith("transformer.") for k in hf):  # saved from the base model: no "transformer." prefix
         hf = {(k if k == "lm_head.weight" else "transformer." + k): v for k, v in hf.items()}
     ours = {}
@@ -380,19 +590,17 @@ def _from_gpt(hf: dict, cfg: ModelConfig, architecture: str) -> dict:
     for i in range(cfg.n_layer):
         p = f"transformer.h.{i}.attn"
         if architecture == "GPT-Neo":  # separate q, k, v (out, in) -> one (3C, C), in our split order
-            parts = [ours.pop(f"{p}.{x}_proj.weight", None) for x in "qkv"]
-            if all(t is not None for t in parts):
-                ours[f"{p}.c_attn.weight"] = torch.cat(parts, dim=0)
+            names = [f"{p}.{x}_proj.weight" for x in "qkv"]
+            if all(n in ours for n in names):
+                ours[f"{p}.c_attn.weight"] = _stack([ours.pop(n) for n in names], names, where)
     for name in list(ours):
-        if architecture == "GPT-2" and name.endswith(GPT2_CONV1D):
+        if architecture == "GPT-2" and name.endswith(GPT2_CONV1D) and ours[name].dim() == 2:
             ours[name] = ours[name].t()  # Conv1D (in, out) -> nn.Linear (out, in)
     return ours
 
 
 def _from_llama(hf: dict, cfg: ModelConfig, where) -> dict:
     """Llama / Qwen3 names -> ours: export.llama_key_map read backwards (q, k, v and gate, up stacked)."""
-    import torch
-
     from tinystories.export import llama_key_map
 
     if not any(k.startswith("model.") for k in hf):  # saved from LlamaModel itself: no "model." prefix
@@ -401,10 +609,7 @@ def _from_llama(hf: dict, cfg: ModelConfig, where) -> dict:
     for name, hf_names in llama_key_map(cfg):
         if not all(n in hf for n in hf_names):
             continue  # the shape check names what is missing
-        parts = [hf.pop(n) for n in hf_names]
-        if len({p.shape[1:] for p in parts}) > 1:
-            raise UserError(f"{where}: the weights do not fit config.json ({', '.join(hf_names)} differ in width)")
-        ours[name] = torch.cat(parts, dim=0)  # (rows of each, in) -> (all rows, in)
+        ours[name] = _stack([hf.pop(n) for n in hf_names], hf_names, where)
     ours.update(hf)  # anything left is not ours: the shape check names it (lm_head of a tied model aside)
     return ours
 
@@ -431,8 +636,8 @@ def tokenizer_from_hf(folder: Path, use_gpt2: bool = False):
                 for name, data in gpt2.items():
                     (Path(tmp) / name).write_bytes(data)
                 return load_gpt2(tmp)  # checks the hashes again, builds the tiktoken encoding
-        if (folder / BPE_FILE).is_file():
-            return BPETokenizer.from_file(folder / BPE_FILE)  # refuses a file without <|endoftext|>
+        if (bpe_file := _present(folder, BPE_FILE)) is not None:
+            return BPETokenizer.from_file(bpe_file)  # refuses a file without <|endoftext|>
         raise UserError(f"{folder}: the tokenizer (vocab.json + merges.txt) is not GPT-2's and there is no "
                         f"{BPE_FILE}; tinystories supports GPT-2's vocabulary or a tokenizers {BPE_FILE}")
     if use_gpt2:
@@ -443,23 +648,25 @@ def tokenizer_from_hf(folder: Path, use_gpt2: bool = False):
 
 def _read_vocab_and_merges(folder: Path) -> tuple[dict | None, list[str] | None]:
     """A BPE's vocabulary and merges ("a b" strings) from vocab.json + merges.txt or tokenizer.json."""
+    vocab_file, merges_file, bpe_file = (_present(folder, name) for name in ("vocab.json", "merges.txt", BPE_FILE))
     try:
-        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-            lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+        if vocab_file is not None and merges_file is not None:
+            vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+            lines = merges_file.read_text(encoding="utf-8").splitlines()
             return vocab, [line for line in lines if line and not line.startswith("#version")]
-        if (folder / BPE_FILE).is_file():
-            tok = json.loads((folder / BPE_FILE).read_text(encoding="utf-8"))
+        if bpe_file is not None:
+            tok = json.loads(bpe_file.read_text(encoding="utf-8"))
             model = tok.get("model") or {}
             if model.get("type") != "BPE":
-                raise UserError(f"{folder / BPE_FILE} is not a BPE tokenizer ({model.get('type')}); not supported")
+                raise UserError(f"{bpe_file} is not a BPE tokenizer ({_short(model.get('type'))}); not supported")
             vocab = dict(model.get("vocab") or {})
             for added in tok.get("added_tokens") or []:  # <|endoftext|> may live only here
                 vocab.setdefault(added["content"], added["id"])
             # tokenizers wrote merges as "a b" strings, newer versions as ["a", "b"] pairs
             merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
             return vocab, merges
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    # ValueError: bad JSON or UTF-8; the others: JSON of another shape than a tokenizer's
+    except (ValueError, RecursionError, KeyError, TypeError, AttributeError, OSError) as e:
         raise UserError(f"{folder}: the tokenizer files are damaged ({type(e).__name__}: {e})") from None
     return None, None
 
@@ -471,7 +678,7 @@ def _as_openai_gpt2_files(vocab: dict, merges: list[str]) -> dict[str, bytes] | 
     one merge per line, so rewriting the vocabulary that way reproduces their files bit for bit;
     their sha256 then proves it is the same tokenizer.
     """
-    if not isinstance(vocab, dict) or vocab.get(EOT) != 50256:
+    if not isinstance(vocab, dict) or vocab.get(EOT) != 50256 or not all(_is_int(i) for i in vocab.values()):
         return None
     files = {
         "encoder.json": json.dumps(dict(sorted(vocab.items(), key=lambda kv: kv[1]))).encode("utf-8"),
