@@ -20,6 +20,19 @@ os.environ.setdefault("TINYSTORIES_GPT2_VOCAB", str(GPT2_DIR))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module of tiny models (`pytestmark =
+    pytest.mark.usefixtures("one_thread")`): one thread is fastest for them, and on a busy 2-core
+    machine two were up to 40x slower (threads waiting on each other at every small op)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not TINYSTORIES_DIR.is_dir():

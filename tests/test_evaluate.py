@@ -71,13 +71,7 @@ def raw_official_head(name, n_stories) -> str:
     return "<|endoftext|>".join(text.split("<|endoftext|>")[:n_stories]) + "<|endoftext|>\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core machine, more threads thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

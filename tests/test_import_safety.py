@@ -36,13 +36,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 WIDTH, HEADS, LAYERS, POSITIONS = 32, 4, 2, 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is fastest on a busy 2-core machine (see test_neo.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def save_hf(model, folder, tok, **kwargs):

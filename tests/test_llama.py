@@ -34,13 +34,7 @@ WIDTH, HEADS, LAYERS, POSITIONS, HIDDEN, THETA = 64, 4, 2, 64, 96, 500.0
 HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is fastest on a busy 2-core machine (see test_neo.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def scale_up(model, seed=0):

@@ -28,13 +28,7 @@ PAPER_PROMPTS = TINYSTORIES / PAPER_PROMPTS_FILE  # the reconstruction of the hu
 os.environ.setdefault("TINYSTORIES_GPT2_VOCAB", str(REPO.parent / "shared" / "data" / "gpt2"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core machine, more threads thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def official_stories(name, limit=None):

@@ -249,10 +249,7 @@ def test_a_long_prompt_is_filled_in_chunks_between_decode_steps(scheduler_for):
     model = tiny_model("gpt2", block_size=64)
     scheduler = scheduler_for(model, slots=2, prefill_chunk=4, eot_id=-1)
     log: list = []  # who got a token, in the order the worker delivered them
-    started = threading.Event()
-    running = Job(prompt(3), 10_000, deliver=lambda item: (log.append("running"), started.set()))
-    scheduler.submit(running)
-    assert started.wait(60)
+    running = start_running_job(scheduler, log)
     done: queue.Queue = queue.Queue()
     long_fields = dict(prompt_ids=prompt(60, 1), max_tokens=3, temperature=0.0)
     mark = len(log)
@@ -262,6 +259,15 @@ def test_a_long_prompt_is_filled_in_chunks_between_decode_steps(scheduler_for):
     between = log[mark : log.index("long")].count("running")
     assert between >= 13, f"the running request got {between} tokens while the prompt was filled in 15 chunks"
     assert tokens == alone(model, long_fields, eot_id=None)
+
+
+def start_running_job(scheduler, log: list) -> Job:
+    """A request that decodes for ever, once it has its first token; each token logs "running"."""
+    started = threading.Event()
+    running = Job(prompt(3), 10_000, deliver=lambda item: (log.append("running"), started.set()))
+    scheduler.submit(running)
+    assert started.wait(60)
+    return running
 
 
 def fed_chunks(scheduler) -> list[tuple[Job, int]]:
@@ -286,10 +292,7 @@ def test_a_long_rope_prompt_fills_its_reach_in_chunks_between_decode_steps(sched
     scheduler = scheduler_for(model, slots=2, prefill_chunk=4, eot_id=-1)
     chunks = fed_chunks(scheduler)
     log: list = []
-    started = threading.Event()
-    running = Job(prompt(3), 10_000, deliver=lambda item: (log.append("running"), started.set()))
-    scheduler.submit(running)
-    assert started.wait(60)
+    running = start_running_job(scheduler, log)
     done: queue.Queue = queue.Queue()
     long_fields = dict(prompt_ids=prompt(2000, 1), max_tokens=12, temperature=0.0)
     mark = len(log)

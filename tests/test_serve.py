@@ -84,12 +84,7 @@ def running_server(checkpoint, log, *flags, env=None):
         _wait_until_healthy(server, process, log)
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +106,16 @@ def _wait_for_port(process, log, timeout=180) -> int:
             pytest.fail(f"tinystories serve exited with {process.returncode}:\n{text}")
         time.sleep(0.1)
     pytest.fail(f"tinystories serve printed no address within {timeout} s:\n{log.read_text()}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM (the server's own shutdown), then SIGKILL if it has not gone within 20 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _wait_until_healthy(server, process, log, timeout=60) -> None:
@@ -457,12 +462,7 @@ def test_the_address_is_printed_once_the_server_listens(tiny_checkpoint):
             assert any(line.startswith("tinystories serve: device ") for line in lines[:-1]), lines
         finally:
             deadline.cancel()
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
             process.stdout.close()
 
 
