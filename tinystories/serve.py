@@ -113,7 +113,7 @@ MAX_TEMPERATURE = 2.0  # OpenAI's range; above it sampling is close to uniform n
 # The smallest positive temperature and top_p: float32's smallest normal number (1.2e-38). The
 # sampler works in float32, where a smaller value may round to 0: a temperature of 1e-300 then
 # divides the logits by zero (NaN probabilities), a top_p of 1e-300 keeps no token at all, and
-# either crashed the request (issue 13). Such values are greedy in all but name anyway.
+# either crashed the request. Such values are greedy in all but name anyway.
 MIN_POSITIVE = 2.0**-126
 # torch.Generator.manual_seed's range; negatives map to 2**64 + seed, as torch maps them.
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1

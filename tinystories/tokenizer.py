@@ -55,7 +55,7 @@ def check_text(text: str) -> None:
     and HF tokenizers raised TypeError. The rule, the same for both tokenizers and every caller
     (generate, serve, quality, evaluate, prepare): refuse, saying where and what, because
     replacing would tell the model something other than what was given, and `prepare` already
-    refuses invalid UTF-8 rather than replacing it (issue 13).
+    refuses invalid UTF-8 rather than replacing it.
     """
     if text.isascii():  # O(1) in CPython (the string knows), and nearly every story is ASCII
         return

@@ -6,7 +6,8 @@
 
 Reading order: the pure pieces (learning-rate schedule, parameter groups, config resolution), then
 evaluation, then the loop. The run folder gets config.json, log.jsonl (one JSON object per
-optimizer step) and checkpoints/{last,best}; only rank 0 writes.
+optimizer step) and checkpoints/{last,best}; only rank 0 writes, and it holds the folder's lock
+while it trains (tinystories/runlock.py), so no second run writes there meanwhile.
 
 Exact resume: checkpoints/last holds the optimizer, grad scaler, every RNG state, the data position,
 the step and the best val loss, so "train N steps" and "train k, stop, resume to N" give bitwise
@@ -406,7 +407,7 @@ def _read_run_config(out: Path) -> dict:
 
 def run(args) -> int:
     """`tinystories train`. Under torchrun, every way out (finished, stopped, UserError, a bug) tears
-    the process group down, and the ranks leave without the interpreter's shutdown (issue 15)."""
+    the process group down, and the ranks leave without the interpreter's shutdown."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return _run_and_tear_down(args)
     try:
