@@ -1,4 +1,4 @@
-"""Benchmark: the product on a CUDA GPU, in one prepared run (about 5 minutes on one H100).
+"""Benchmark: the product on a CUDA GPU, in one prepared run (sized to fit 8 minutes on one H100).
 
     PYTHONPATH=. python bench/gpu.py [--out gpu.md]          # on a CUDA machine
     PYTHONPATH=. python bench/gpu.py --quick --device cpu     # the same code, tiny sizes (the test suite)
