@@ -434,7 +434,7 @@ def test_refused_pickles_give_no_pytorch_warning(tmp_path, ckpt):
     import torch
 
     from tinystories.checkpoint import load_trainer_state
-    from tinystories.hf_import import _load_weights_file
+    from tinystories.hf_folder import _load_weights_file
 
     folder = tmp_path / "ckpt"
     shutil.copytree(ckpt, folder)

@@ -43,28 +43,23 @@ nn.Linear. Llama / Qwen3 use export.llama_key_map backwards: q/k/v_proj stacked 
 gate/up_proj into c_fc. Buffers of old transformers versions (attention masks, RoPE frequencies)
 are skipped; a tied lm_head must equal the token embedding, an untied one must be there.
 
-A folder may come from anyone, so nothing in it is trusted: every file it names (an index's shards;
-config.json, the weights and the tokenizer files when they are symlinks) must resolve to a file
-inside it; every config.json value read has its type checked; the layer count, width and vocabulary
-size must match the tensors before any model is built; every tensor must be floating point and
-finite. Each refusal is one line naming what is wrong.
+A folder may come from anyone, so nothing in it is trusted: hf_folder.py reads it (every file it
+names inside it, every config.json value of the type it must have, every tensor floating point and
+finite), and here the layer count, width and vocabulary size must match the tensors before any
+model is built. Each refusal is one line naming what is wrong.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import math
 import os
 import re
-import tempfile
 from pathlib import Path
 
-from tinystories.config import INT64_MAX, ModelConfig
+from tinystories.config import ModelConfig
 from tinystories.errors import UserError
+from tinystories.hf_folder import BUFFERS, config_value, is_int, read_config, read_hf_weights, short, tokenizer_from_hf
 from tinystories.outputs import check_output_dir
-from tinystories.tokenizer import BPE_FILE, EOT, GPT2_FILES, sha256_file
 
 # What a model folder may hold that we read; a Hub download fetches only these.
 HUB_PATTERNS = [
@@ -72,15 +67,9 @@ HUB_PATTERNS = [
     "pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin",
     "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
 ]
-# Buffers older transformers versions saved beside the weights: causal masks, not parameters.
-BUFFERS = (".attn.attention.bias", ".attn.attention.masked_bias", ".attn.bias", ".attn.masked_bias",
-           ".rotary_emb.inv_freq")  # RoPE frequencies (Llama before transformers 4.35), computed from rope_theta
 # HF GPT-2's Conv1D layers store (in, out); ours are nn.Linear (out, in).
 GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")  # both are 0.5x(1 + tanh(...)), = F.gelu(approximate="tanh")
-# Weights are stored as fp32, which holds each of these exactly. Anything else is quantized (int8,
-# float8 with its scales in other tensors) or not a weight, and would import as wrong numbers.
-FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 # attention_types is expanded before the weights are read (which then must agree with it layer for
 # layer), so a repeat count of 10**18 in config.json would fill the memory first. No model has come
 # near this many layers; the bound only keeps the list from being absurd.
@@ -109,9 +98,9 @@ def import_hf(source, out, *, tokenizer: str = "auto", revision: str | None = No
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not empty; choose a new folder for the checkpoint")
     folder = locate(source, revision)
-    hf = _read_config(folder)
+    hf = read_config(folder)
     architecture, model_cfg = model_config_from_hf(hf, where=folder / "config.json")
-    version = _field(hf, "transformers_version", None, "str", folder / "config.json", optional=True)
+    version = config_value(hf, "transformers_version", None, "str", folder / "config.json", optional=True)
     tok = tokenizer_from_hf(folder, use_gpt2=tokenizer == "gpt2")
     if tok.vocab_size > model_cfg.vocab_size:
         raise UserError(f"{folder}: the tokenizer has {tok.vocab_size} tokens but the model only {model_cfg.vocab_size}")
@@ -155,124 +144,23 @@ def locate(source, revision: str | None = None) -> Path:
                         f"{offline_help}") from None
 
 
-def _read_config(folder: Path) -> dict:
-    file = _present(folder, "config.json")
-    if file is None:
-        raise UserError(f"{folder} has no config.json; it is not a transformers model folder")
-    config = _read_json(file)
-    if not isinstance(config, dict):
-        raise UserError(f"{file} is not a transformers config (not a JSON object)")
-    return config
-
-
-def _read_json(file: Path):
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    # ValueError: bad JSON or UTF-8, or an integer of more than 4,300 digits; RecursionError: nesting
-    except (ValueError, RecursionError) as e:
-        raise UserError(f"{file} is not valid JSON ({e})") from None
-    except OSError as e:
-        raise UserError(f"{file} cannot be read ({type(e).__name__})") from None
-
-
-def _present(folder: Path, name: str) -> Path | None:
-    """folder / name if it is a file (None if not), refused if a symlink takes it outside the folder."""
-    path = folder / name
-    return _inside(folder, name, str(path)) if _is_file(path) else None
-
-
-def _is_file(path: Path) -> bool:
-    try:
-        return path.is_file()
-    except (OSError, ValueError):  # a name too long for the file system
-        return False
-
-
-def _inside(folder: Path, name, what: str) -> Path:
-    """folder / name, refused with one line unless it is a file name that stays inside `folder`.
-
-    Files name other files (an index its shards), and a folder from someone else may name
-    /etc/passwd, ../../secret or a symlink to either: reading it would copy another file of this
-    machine into the checkpoint. So the path is resolved, symlinks included, and must end up inside
-    the folder, or, for a Hub cache snapshot (what snapshot_download returns), inside the cache's
-    own blobs/, which the snapshot's files link to. `what` names the entry for the message.
-    """
-    if not isinstance(name, str) or not name or "\x00" in name:
-        raise UserError(f"{what} is not a file name")
-    if os.path.isabs(name):
-        raise UserError(f"{what} is an absolute path; every file a model folder names must be inside it")
-    try:
-        root, target = folder.resolve(), (folder / name).resolve()
-    except (OSError, RuntimeError, ValueError) as e:  # RuntimeError: a symlink loop
-        raise UserError(f"{what} cannot be followed ({type(e).__name__})") from None
-    roots = [root]
-    if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
-        roots.append((root.parent.parent / "blobs").resolve())
-    if target in roots:
-        raise UserError(f"{what} names the folder itself, not a file in it")
-    if not any(r in target.parents for r in roots):
-        raise UserError(f"{what} leads outside {folder} (to {target}); every file a model folder names "
-                        "must be inside it")
-    return folder / name
-
-
-def _short(value, limit: int = 80) -> str:
-    """repr(value) on one line of at most `limit` characters, for messages that quote a value."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 # -----------------------------------------------------------------------------
 # config.json -> ModelConfig
 #
-# A config.json written by hand or by someone hostile can hold any JSON value under any key. Every
-# value import reads goes through `_field`, which refuses the wrong type by its own name (not as a
-# TypeError somewhere in torch, nor silently replaced by a default), and the shapes it describes
-# are compared with the weights before anything is built from them (state_dict_from_hf).
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-# kind -> (what the message asks for, the check); counts fit torch's 64-bit integers
-KINDS = {
-    "count": ("a positive integer", lambda v: _is_int(v) and 1 <= v <= INT64_MAX),
-    "positive": ("a positive finite number", lambda v: _is_number(v) and v > 0),
-    "dropout": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
-    "bool": ("true or false", lambda v: isinstance(v, bool)),
-    "str": ("a string", lambda v: isinstance(v, str)),
-    "object": ("an object", lambda v: isinstance(v, dict)),
-    "list": ("a list", lambda v: isinstance(v, list)),
-}
-
-
-def _field(hf: dict, key: str, default, kind: str, where, *, optional: bool = False):
-    """hf[key], or `default` where config.json leaves it out, refused with one line unless it is of
-    `kind` (see KINDS); null passes only where transformers accepts it (`optional`)."""
-    value = hf.get(key, default)
-    if value is None and optional:
-        return None
-    want, ok = KINDS[kind]
-    if not ok(value):
-        raise UserError(f"{where}: {key} must be {want}{' or null' if optional else ''}, got {_short(value)}")
-    return value
+# Every value is read through hf_folder.config_value (the type it must have, or one line), and the
+# shapes it describes are compared with the weights before anything is built (state_dict_from_hf).
 
 
 def expand_attention_types(attention_types) -> list[str]:
     """GPT-Neo's run-length form, [[["global", "local"], 2]], as one entry per layer."""
-    form = f"attention_types {_short(attention_types)} is not GPT-Neo's [[[kinds...], repeat], ...] form"
+    form = f"attention_types {short(attention_types)} is not GPT-Neo's [[[kinds...], repeat], ...] form"
     pairs = attention_types if isinstance(attention_types, (list, tuple)) else [None]
     if not all(isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], (list, tuple))
-               and all(isinstance(k, str) for k in p[0]) and _is_int(p[1]) and p[1] >= 0 for p in pairs):
+               and all(isinstance(k, str) for k in p[0]) and is_int(p[1]) and p[1] >= 0 for p in pairs):
         raise UserError(form)
     n_layer = sum(len(kinds) * repeat for kinds, repeat in pairs)
     if n_layer > MAX_LAYERS:
-        raise UserError(f"attention_types {_short(attention_types)} makes {n_layer} layers; "
+        raise UserError(f"attention_types {short(attention_types)} makes {n_layer} layers; "
                         f"tinystories imports at most {MAX_LAYERS:,}")
     return [kind for kinds, repeat in pairs for _ in range(repeat) for kind in kinds]
 
@@ -280,7 +168,7 @@ def expand_attention_types(attention_types) -> list[str]:
 def model_config_from_hf(hf: dict, where="config.json") -> tuple[str, ModelConfig]:
     """("GPT-Neo", "GPT-2", "Llama" or "Qwen3", our config) for a transformers config dict; refuse
     what we cannot compute."""
-    model_type = _field(hf, "model_type", None, "str", where, optional=True)
+    model_type = config_value(hf, "model_type", None, "str", where, optional=True)
     if model_type == "gpt_neo":
         return "GPT-Neo", _neo_config(hf, where)
     if model_type == "gpt2":
@@ -300,12 +188,12 @@ def _require(where, checks: dict) -> None:
 
 def _neo_config(hf: dict, where) -> ModelConfig:
     # Missing keys take GPTNeoConfig's defaults, as transformers would.
-    width = _field(hf, "hidden_size", 2048, "count", where)
-    n_layer = _field(hf, "num_layers" if "num_layers" in hf else "num_hidden_layers", 24, "count", where)
-    heads = _field(hf, "num_heads" if "num_heads" in hf else "num_attention_heads", 16, "count", where)
-    attention_types = _field(hf, "attention_types", None, "list", where, optional=True)
+    width = config_value(hf, "hidden_size", 2048, "count", where)
+    n_layer = config_value(hf, "num_layers" if "num_layers" in hf else "num_hidden_layers", 24, "count", where)
+    heads = config_value(hf, "num_heads" if "num_heads" in hf else "num_attention_heads", 16, "count", where)
+    attention_types = config_value(hf, "attention_types", None, "list", where, optional=True)
     layers = expand_attention_types([[["global", "local"], 12]] if attention_types is None else attention_types)
-    activation = _field(hf, "activation_function", "gelu_new", "str", where)
+    activation = config_value(hf, "activation_function", "gelu_new", "str", where)
     _require(where, {
         "activation_function gelu_new": activation in TANH_GELU,
         f"one attention type per layer ({n_layer})": len(layers) == n_layer,
@@ -313,32 +201,32 @@ def _neo_config(hf: dict, where) -> ModelConfig:
     })
     return ModelConfig(
         n_layer=n_layer, n_head=heads, n_embd=width,
-        block_size=_field(hf, "max_position_embeddings", 2048, "count", where),
-        vocab_size=_field(hf, "vocab_size", 50257, "count", where),
-        dropout=float(_field(hf, "resid_dropout", 0.0, "dropout", where)), bias=True, attention_layers=layers,
-        window_size=_field(hf, "window_size", 256, "count", where), scale_attention=False, qkv_bias=False,
-        norm_eps=_field(hf, "layer_norm_epsilon", 1e-5, "positive", where),
-        mlp_hidden=_mlp_hidden(_field(hf, "intermediate_size", None, "count", where, optional=True), width),
-        tie_embeddings=_field(hf, "tie_word_embeddings", True, "bool", where),
+        block_size=config_value(hf, "max_position_embeddings", 2048, "count", where),
+        vocab_size=config_value(hf, "vocab_size", 50257, "count", where),
+        dropout=float(config_value(hf, "resid_dropout", 0.0, "dropout", where)), bias=True, attention_layers=layers,
+        window_size=config_value(hf, "window_size", 256, "count", where), scale_attention=False, qkv_bias=False,
+        norm_eps=config_value(hf, "layer_norm_epsilon", 1e-5, "positive", where),
+        mlp_hidden=_mlp_hidden(config_value(hf, "intermediate_size", None, "count", where, optional=True), width),
+        tie_embeddings=config_value(hf, "tie_word_embeddings", True, "bool", where),
     )
 
 
 def _gpt2_config(hf: dict, where) -> ModelConfig:
-    width = _field(hf, "n_embd", 768, "count", where)
+    width = config_value(hf, "n_embd", 768, "count", where)
     _require(where, {
-        "activation_function gelu_new": _field(hf, "activation_function", "gelu_new", "str", where) in TANH_GELU,
-        "scale_attn_weights true": _field(hf, "scale_attn_weights", True, "bool", where) is True,
+        "activation_function gelu_new": config_value(hf, "activation_function", "gelu_new", "str", where) in TANH_GELU,
+        "scale_attn_weights true": config_value(hf, "scale_attn_weights", True, "bool", where) is True,
         "scale_attn_by_inverse_layer_idx false":
-            _field(hf, "scale_attn_by_inverse_layer_idx", False, "bool", where) is False,
+            config_value(hf, "scale_attn_by_inverse_layer_idx", False, "bool", where) is False,
     })
     return ModelConfig(
-        n_layer=_field(hf, "n_layer", 12, "count", where), n_head=_field(hf, "n_head", 12, "count", where),
-        n_embd=width, block_size=_field(hf, "n_positions", 1024, "count", where),
-        vocab_size=_field(hf, "vocab_size", 50257, "count", where),
-        dropout=float(_field(hf, "resid_pdrop", 0.1, "dropout", where)), bias=True,
-        norm_eps=_field(hf, "layer_norm_epsilon", 1e-5, "positive", where),
-        mlp_hidden=_mlp_hidden(_field(hf, "n_inner", None, "count", where, optional=True), width),
-        tie_embeddings=_field(hf, "tie_word_embeddings", True, "bool", where),
+        n_layer=config_value(hf, "n_layer", 12, "count", where), n_head=config_value(hf, "n_head", 12, "count", where),
+        n_embd=width, block_size=config_value(hf, "n_positions", 1024, "count", where),
+        vocab_size=config_value(hf, "vocab_size", 50257, "count", where),
+        dropout=float(config_value(hf, "resid_pdrop", 0.1, "dropout", where)), bias=True,
+        norm_eps=config_value(hf, "layer_norm_epsilon", 1e-5, "positive", where),
+        mlp_hidden=_mlp_hidden(config_value(hf, "n_inner", None, "count", where, optional=True), width),
+        tie_embeddings=config_value(hf, "tie_word_embeddings", True, "bool", where),
     )
 
 
@@ -369,7 +257,7 @@ def _llama_config(hf: dict, model_type: str, where) -> ModelConfig:
     defaults = LLAMA_DEFAULTS[model_type]
 
     def get(key, kind, optional=False):
-        return _field(hf, key, defaults[key], kind, where, optional=optional)
+        return config_value(hf, key, defaults[key], kind, where, optional=optional)
 
     width, heads = get("hidden_size", "count"), get("num_attention_heads", "count")
     kv_heads = get("num_key_value_heads", "count", optional=True)
@@ -378,38 +266,40 @@ def _llama_config(hf: dict, model_type: str, where) -> ModelConfig:
     if head_dim is None:  # LlamaConfig: hidden_size / num_attention_heads
         head_dim = width // heads
     # transformers 5 keeps RoPE settings in rope_parameters, earlier versions in rope_theta + rope_scaling
-    ropes = {key: _field(hf, key, None, "object", where, optional=True) for key in ("rope_parameters", "rope_scaling")}
+    ropes = {key: config_value(hf, key, None, "object", where, optional=True)
+             for key in ("rope_parameters", "rope_scaling")}
     plain_rope = all(set(r) <= {"rope_type", "type", "rope_theta"}
                      and r.get("rope_type", r.get("type", "default")) == "default" for r in ropes.values() if r)
     # Every RoPE base config.json gives is checked, and they must agree: which one a transformers
     # version reads differs, so importing one of two would be a guess.
-    thetas = {f"{key}.rope_theta": _field(r, "rope_theta", None, "positive", f"{where}: {key}")
+    thetas = {f"{key}.rope_theta": config_value(r, "rope_theta", None, "positive", f"{where}: {key}")
               for key, r in ropes.items() if r and "rope_theta" in r}
     if "rope_theta" in hf:
-        thetas["rope_theta"] = _field(hf, "rope_theta", None, "positive", where)
+        thetas["rope_theta"] = config_value(hf, "rope_theta", None, "positive", where)
     if len(set(thetas.values())) > 1:
         raise UserError(f"{where}: the RoPE bases disagree ({', '.join(f'{k} {v}' for k, v in thetas.items())})")
     theta = next(iter(thetas.values()), 10000.0)
     checks = {
-        "hidden_act silu": _field(hf, "hidden_act", "silu", "str", where) == "silu",
+        "hidden_act silu": config_value(hf, "hidden_act", "silu", "str", where) == "silu",
         f"num_key_value_heads equal to num_attention_heads ({heads}; grouped-query attention is not supported)":
             kv_heads == heads,
         f"head_dim equal to hidden_size / num_attention_heads ({width} / {heads})": head_dim * heads == width,
         "plain RoPE (rope_type default, no rope_scaling or partial_rotary_factor)":
-            plain_rope and _field(hf, "partial_rotary_factor", None, "positive", where, optional=True) in (None, 1.0),
-        "attention_bias false": _field(hf, "attention_bias", False, "bool", where) is False,
+            plain_rope
+            and config_value(hf, "partial_rotary_factor", None, "positive", where, optional=True) in (None, 1.0),
+        "attention_bias false": config_value(hf, "attention_bias", False, "bool", where) is False,
     }
     if model_type == "llama":
-        checks["mlp_bias false"] = _field(hf, "mlp_bias", False, "bool", where) is False
+        checks["mlp_bias false"] = config_value(hf, "mlp_bias", False, "bool", where) is False
     else:  # Qwen3's sliding window is off unless use_sliding_window (then its upper layers use it)
-        checks["use_sliding_window false"] = _field(hf, "use_sliding_window", False, "bool", where) is False
-        layer_types = _field(hf, "layer_types", None, "list", where, optional=True) or []
+        checks["use_sliding_window false"] = config_value(hf, "use_sliding_window", False, "bool", where) is False
+        layer_types = config_value(hf, "layer_types", None, "list", where, optional=True) or []
         checks["every layer full_attention"] = all(t == "full_attention" for t in layer_types)
     _require(where, checks)
     cfg = ModelConfig(
         n_layer=get("num_hidden_layers", "count"), n_head=heads, n_embd=width,
         block_size=get("max_position_embeddings", "count"), vocab_size=get("vocab_size", "count"),
-        dropout=float(_field(hf, "attention_dropout", 0.0, "dropout", where, optional=True) or 0.0), bias=False,
+        dropout=float(config_value(hf, "attention_dropout", 0.0, "dropout", where, optional=True) or 0.0), bias=False,
         pos_embedding="rope", rope_theta=float(theta), norm="rmsnorm", norm_eps=get("rms_norm_eps", "positive"),
         mlp="swiglu", mlp_hidden=get("intermediate_size", "count"), qk_norm=model_type == "qwen3",
         tie_embeddings=get("tie_word_embeddings", "bool"),
@@ -421,81 +311,6 @@ def _llama_config(hf: dict, model_type: str, where) -> ModelConfig:
 
 # -----------------------------------------------------------------------------
 # Weights
-
-
-def read_hf_weights(folder: Path) -> tuple[dict, dict]:
-    """(tensors by HF name, {file name: sha256}) from safetensors if present, else pytorch_model.bin.
-
-    Every tensor but the skipped buffers must be floating point (FLOAT_DTYPES) and finite: NaN or
-    inf in a weight is a damaged file, and would only show up later as a model that writes nothing.
-    """
-    import torch
-
-    for single, index in (("model.safetensors", "model.safetensors.index.json"),
-                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        if (index_file := _present(folder, index)) is not None:
-            names = _shard_names(folder, index_file, suffix=Path(single).suffix)
-        elif _present(folder, single) is not None:
-            names = [single]
-        else:
-            continue
-        weights, files = {}, {}
-        for name in names:
-            path = folder / name
-            if not _is_file(path):
-                raise UserError(f"{path} is missing (listed in {index}); the download is incomplete")
-            for key, tensor in _load_weights_file(path, torch).items():
-                _check_tensor(path, key, tensor, torch)
-                weights[key] = tensor
-            files[name] = sha256_file(path)
-        return weights, files
-    raise UserError(f"{folder} has no weights (model.safetensors or pytorch_model.bin)")
-
-
-def _shard_names(folder: Path, index_file: Path, suffix: str) -> list[str]:
-    """The files an index's weight_map lists, each one a `suffix` file inside `folder` (see _inside)."""
-    index = _read_json(index_file)
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise UserError(f"{index_file} is not a valid weight index (no weight_map of tensor names to files)")
-    for tensor, name in weight_map.items():
-        what = f"{index_file}: the file of {_short(tensor, 200)}, {_short(name, 300)},"
-        _inside(folder, name, what)
-        if not name.endswith(suffix):
-            raise UserError(f"{what} is not a {suffix} file")
-    return sorted(set(weight_map.values()))
-
-
-def _load_weights_file(path: Path, torch) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"{path} is truncated or corrupted ({e})") from None
-    from tinystories.checkpoint import torch_load_safely
-
-    try:  # weights_only: tensors and containers only; a pickle holding code is refused, not run
-        state = torch_load_safely(path)
-    except Exception as e:  # torch raises pickle/zip/runtime errors for damaged or unsafe files
-        raise UserError(f"{path} is truncated, corrupted or holds more than tensors ({type(e).__name__})") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
-        raise UserError(f"{path} is not a state dict of tensors")
-    return state
-
-
-def _check_tensor(path: Path, name: str, tensor, torch) -> None:
-    if name.endswith(BUFFERS):  # masks (bool in some versions) and RoPE frequencies: skipped on import
-        return
-    dtype = str(tensor.dtype).removeprefix("torch.")
-    if dtype not in FLOAT_DTYPES:
-        raise UserError(f"{path}: tensor {_short(name)} is {dtype}; tinystories imports {', '.join(FLOAT_DTYPES)} "
-                        "weights only (quantized models are not supported)")
-    if not bool(torch.isfinite(tensor).all()):
-        raise UserError(f"{path}: tensor {_short(name)} holds NaN or inf values; the weights are damaged")
 
 
 def state_dict_from_hf(hf_weights: dict, cfg: ModelConfig, architecture: str, where) -> dict:
@@ -556,7 +371,7 @@ def _check_config_against_weights(hf: dict, cfg: ModelConfig, architecture: str,
     pattern = re.compile(r"(?:model\.)?layers\.(\d{1,9})\." if llama else r"(?:transformer\.)?h\.(\d{1,9})\.")
     found = {int(m.group(1)) for name in hf if (m := pattern.match(name))}
     if len(found) != cfg.n_layer or found != set(range(cfg.n_layer)):
-        held = f"{len(found)}" if found == set(range(len(found))) else f"layers {_short(sorted(found))}"
+        held = f"{len(found)}" if found == set(range(len(found))) else f"layers {short(sorted(found))}"
         raise UserError(f"{where}: config.json says {layers_key} {cfg.n_layer} but the weights hold {held}")
     names = ("model.embed_tokens.weight", "embed_tokens.weight") if llama else ("transformer.wte.weight", "wte.weight")
     for name in names:
@@ -618,71 +433,3 @@ def _our_name(hf_name: str, architecture: str) -> str:
     if architecture == "GPT-Neo":  # transformer.h.0.attn.attention.q_proj.weight -> transformer.h.0.attn.q_proj.weight
         hf_name = hf_name.replace(".attn.attention.", ".attn.").replace(".attn.out_proj.", ".attn.c_proj.")
     return hf_name
-
-
-# -----------------------------------------------------------------------------
-# Tokenizer
-
-
-def tokenizer_from_hf(folder: Path, use_gpt2: bool = False):
-    """Our Tokenizer for the model folder's tokenizer files (see the module docstring)."""
-    from tinystories.tokenizer import BPETokenizer, load_gpt2
-
-    vocab, merges = _read_vocab_and_merges(folder)
-    if vocab is not None:
-        gpt2 = _as_openai_gpt2_files(vocab, merges)
-        if gpt2 is not None:
-            with tempfile.TemporaryDirectory() as tmp:
-                for name, data in gpt2.items():
-                    (Path(tmp) / name).write_bytes(data)
-                return load_gpt2(tmp)  # checks the hashes again, builds the tiktoken encoding
-        if (bpe_file := _present(folder, BPE_FILE)) is not None:
-            return BPETokenizer.from_file(bpe_file)  # refuses a file without <|endoftext|>
-        raise UserError(f"{folder}: the tokenizer (vocab.json + merges.txt) is not GPT-2's and there is no "
-                        f"{BPE_FILE}; tinystories supports GPT-2's vocabulary or a tokenizers {BPE_FILE}")
-    if use_gpt2:
-        return load_gpt2()
-    raise UserError(f"{folder} has no tokenizer files (vocab.json + merges.txt, or {BPE_FILE}); add them, or pass "
-                    "--tokenizer gpt2 if the model uses GPT-2's vocabulary (the TinyStories models do)")
-
-
-def _read_vocab_and_merges(folder: Path) -> tuple[dict | None, list[str] | None]:
-    """A BPE's vocabulary and merges ("a b" strings) from vocab.json + merges.txt or tokenizer.json."""
-    vocab_file, merges_file, bpe_file = (_present(folder, name) for name in ("vocab.json", "merges.txt", BPE_FILE))
-    try:
-        if vocab_file is not None and merges_file is not None:
-            vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
-            lines = merges_file.read_text(encoding="utf-8").splitlines()
-            return vocab, [line for line in lines if line and not line.startswith("#version")]
-        if bpe_file is not None:
-            tok = json.loads(bpe_file.read_text(encoding="utf-8"))
-            model = tok.get("model") or {}
-            if model.get("type") != "BPE":
-                raise UserError(f"{bpe_file} is not a BPE tokenizer ({_short(model.get('type'))}); not supported")
-            vocab = dict(model.get("vocab") or {})
-            for added in tok.get("added_tokens") or []:  # <|endoftext|> may live only here
-                vocab.setdefault(added["content"], added["id"])
-            # tokenizers wrote merges as "a b" strings, newer versions as ["a", "b"] pairs
-            merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-            return vocab, merges
-    # ValueError: bad JSON or UTF-8; the others: JSON of another shape than a tokenizer's
-    except (ValueError, RecursionError, KeyError, TypeError, AttributeError, OSError) as e:
-        raise UserError(f"{folder}: the tokenizer files are damaged ({type(e).__name__}: {e})") from None
-    return None, None
-
-
-def _as_openai_gpt2_files(vocab: dict, merges: list[str]) -> dict[str, bytes] | None:
-    """OpenAI's encoder.json and vocab.bpe bytes, if `vocab` and `merges` are exactly GPT-2's; else None.
-
-    OpenAI wrote encoder.json with json.dumps in id order and vocab.bpe as a "#version: 0.2" line plus
-    one merge per line, so rewriting the vocabulary that way reproduces their files bit for bit;
-    their sha256 then proves it is the same tokenizer.
-    """
-    if not isinstance(vocab, dict) or vocab.get(EOT) != 50256 or not all(_is_int(i) for i in vocab.values()):
-        return None
-    files = {
-        "encoder.json": json.dumps(dict(sorted(vocab.items(), key=lambda kv: kv[1]))).encode("utf-8"),
-        "vocab.bpe": ("#version: 0.2\n" + "".join(m + "\n" for m in merges)).encode("utf-8"),
-    }
-    ok = all(hashlib.sha256(files[name]).hexdigest() == digest for name, digest in GPT2_FILES.items())
-    return files if ok else None
