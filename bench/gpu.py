@@ -13,8 +13,8 @@ Measures, with random weights and random tokens (speed and memory do not depend 
   decode   batch-1 and batch-16 decoding of `33m` (tinystories.generate.stream, the dtype `generate
            --dtype auto` picks): new tokens/s over 200 tokens, after a warm-up
 The training step is the product's own: tinystories.train's optimizers (AdamW, or Muon + AdamW for
-`33m-tuned`), model wrapping, micro-batch loop and chunked loss, then clipping and the optimizer steps
-as the training loop does them. Prints a Markdown table for BENCHMARKS.md and writes it to --out.
+`33m-tuned`), model wrapping, micro-batch loop and chunked loss, clipping and optimizer steps.
+Prints a Markdown table for BENCHMARKS.md and writes it to --out.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ from tinystories.device import choose_dtype, device_name, pick_device  # noqa: E
 from tinystories.generate import stream  # noqa: E402
 from tinystories.mfu import flops_per_token, peak_flops  # noqa: E402
 from tinystories.model import GPT  # noqa: E402
-from tinystories.train import _cuda_can_compile, _forward_backward, _synchronize, make_optimizers, wrap_model  # noqa: E402
+from tinystories.train import (  # noqa: E402
+    _cuda_can_compile, _forward_backward, _synchronize, make_optimizers, step_optimizers, unscale_and_clip, wrap_model,
+)
 
 GiB = 2**30
 
@@ -85,17 +87,7 @@ def train_case(preset: str, device, dtype: torch.dtype, compiled: bool, args) ->
     def step():
         nonlocal skipped
         loss_sum = _forward_backward(r, cfg.grad_accum)
-        for optimizer in optimizers.values():
-            scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-        if torch.isfinite(norm):
-            for optimizer in optimizers.values():
-                scaler.step(optimizer)
-        else:
-            skipped += 1
-        scaler.update()
-        for optimizer in optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
+        skipped += step_optimizers(optimizers, scaler, unscale_and_clip(optimizers, scaler, raw, cfg.grad_clip))[0]
         losses.append(loss_sum)
 
     t0 = time.perf_counter()

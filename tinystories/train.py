@@ -337,11 +337,7 @@ def _versions() -> dict:
 
 def _rng_state(device: torch.device, world_size: int) -> dict:
     """Every RNG the run draws from (dropout on each rank; data order is in EpochWindows)."""
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    if device.type == "mps":
-        state["mps"] = torch.mps.get_rng_state()
+    state = _local_rng_state(device)
     if world_size > 1:  # each rank has its own dropout stream; rank 0 saves them all
         gathered = [None] * world_size
         dist.all_gather_object(gathered, state)
@@ -356,12 +352,7 @@ def _set_rng_state(state: dict, device: torch.device, rank: int, fresh_seed: int
     if rank >= len(state["per_rank"]):
         torch.manual_seed(fresh_seed * 1_000_003 + step)  # within 64 bits: seeds are 32-bit
         return
-    mine = state["per_rank"][rank]
-    torch.set_rng_state(mine["torch"])
-    if device.type == "cuda" and "cuda" in mine:
-        torch.cuda.set_rng_state(mine["cuda"], device)
-    if device.type == "mps" and "mps" in mine:
-        torch.mps.set_rng_state(mine["mps"])
+    _set_local_rng_state(device, state["per_rank"][rank])
 
 
 def _truncate_log(path: Path, last_step: int) -> None:
@@ -729,9 +720,7 @@ def _loop(r: Loop) -> int:
             for group in optimizer.param_groups:  # each group at its own peak, all on one schedule
                 group["lr"] = group["peak_lr"] * lr / cfg.learning_rate
         loss_sum = _first_compiled_step(r, accum) if r.compiled else _forward_backward(r, accum)
-        for optimizer in optimizers.values():
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+        grad_norm = unscale_and_clip(optimizers, scaler, raw_model, cfg.grad_clip)
         if r.world_size > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         loss_value = loss_sum.item() / accum
@@ -740,14 +729,7 @@ def _loop(r: Loop) -> int:
                 f"loss became {loss_value} at step {step + 1} (grad norm {grad_norm.item():.3g}); the last good "
                 f"checkpoint is {out / 'checkpoints' / 'last'}. Lower --learning-rate or try --dtype fp32, then --resume"
             )
-        skipped = not torch.isfinite(grad_norm)  # fp16: an overflow anywhere skips every optimizer's step ...
-        if not skipped:
-            for optimizer in optimizers.values():
-                scaler.step(optimizer)
-        scale = scaler.get_scale() if scaler.is_enabled() else None
-        scaler.update()  # ... and the scaler lowers its scale (found in unscale_)
-        for optimizer in optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
+        skipped, scale = step_optimizers(optimizers, scaler, grad_norm)
         r.step = done = step + 1
 
         _synchronize(device)  # GPUs run ahead of Python: time the step's work, not its launch
@@ -819,6 +801,30 @@ def _loop(r: Loop) -> int:
     return 0
 
 
+def unscale_and_clip(optimizers: dict, scaler: torch.amp.GradScaler, model: torch.nn.Module,
+                     grad_clip: float) -> torch.Tensor:
+    """The gradients unscaled (fp16) and clipped to `grad_clip` (0: not clipped); their norm before."""
+    for optimizer in optimizers.values():
+        scaler.unscale_(optimizer)
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+
+
+def step_optimizers(optimizers: dict, scaler: torch.amp.GradScaler,
+                    grad_norm: torch.Tensor) -> tuple[bool, float | None]:
+    """Every optimizer's step, then the gradients cleared: (skipped, the loss scale used or None).
+    fp16: an overflow anywhere (a non-finite norm) skips every optimizer's step, and the scaler
+    lowers its scale (found in unscale_)."""
+    skipped = not torch.isfinite(grad_norm)
+    if not skipped:
+        for optimizer in optimizers.values():
+            scaler.step(optimizer)
+    scale = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.update()
+    for optimizer in optimizers.values():
+        optimizer.zero_grad(set_to_none=True)
+    return skipped, scale
+
+
 def _forward_backward(r: Loop, accum: int) -> torch.Tensor:
     """One optimizer step's micro-batches, forward and backward: the summed loss (on the device)."""
     loss_sum = torch.zeros((), device=r.device)
@@ -856,16 +862,22 @@ def _first_compiled_step(r: Loop, accum: int) -> torch.Tensor:
 
 
 def _local_rng_state(device: torch.device) -> dict:
+    """This process's RNG states: the CPU's, and the device's where it has its own."""
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
+    if device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
 def _set_local_rng_state(device: torch.device, state: dict) -> None:
+    """Put back what _local_rng_state took; a state saved on another kind of device restores the CPU's."""
     torch.set_rng_state(state["torch"])
-    if "cuda" in state:
+    if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+    if device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"])
 
 
 def _synchronize(device: torch.device) -> None:
